@@ -1,0 +1,33 @@
+"""Child processes and connections as safe as Trio tasks.
+
+Every child process lives in a supervisor (a nursery): however the block exits,
+each child is told to shut down, given a grace period, escalated to SIGTERM and
+SIGKILL, and reaped.
+"""
+
+from ._context import Context as Context
+from ._context import State as State
+from ._context import current_router as current_router
+from ._context import in_child as in_child
+from ._context import parent as parent
+from ._errors import ChildStartError as ChildStartError
+from ._errors import ContextDied as ContextDied
+from ._errors import ContextError as ContextError
+from ._errors import HandshakeError as HandshakeError
+from ._errors import LinkClosed as LinkClosed
+from ._errors import MessageUndeliverable as MessageUndeliverable
+from ._errors import NurseryProcsError as NurseryProcsError
+from ._errors import RemoteError as RemoteError
+from ._errors import SupervisorError as SupervisorError
+from ._errors import WireError as WireError
+from ._forward import forward as forward
+from ._link import Link as Link
+from ._link import accept_link as accept_link
+from ._link import connect_link as connect_link
+from ._process import DEBUG_SLEEP_ENV as DEBUG_SLEEP_ENV
+from ._process import Policy as Policy
+from ._supervisor import Supervisor as Supervisor
+from ._supervisor import SupervisorStatistics as SupervisorStatistics
+from ._supervisor import open_supervisor as open_supervisor
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,304 @@
+"""The handle one context holds for another: send, receive, request, call, close."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from . import _wire
+from ._errors import ContextDied, LinkClosed, WireError
+from ._router import ROOT_ID, Router
+from ._wire import Handle
+
+if TYPE_CHECKING:
+    from ._supervisor import _Child
+
+_ROUTER: trio.lowlevel.RunVar[Router] = trio.lowlevel.RunVar("nursery_procs.router")
+_PARENT: trio.lowlevel.RunVar[Context] = trio.lowlevel.RunVar("nursery_procs.parent")
+
+
+class State(enum.Enum):
+    """Where a context is in its life."""
+
+    #: The process is being started.
+    SPAWNING = "spawning"
+    #: The link is up and the bootstrap sent; the child is loading its target.
+    CREATED = "created"
+    #: The child said it is ready; its target is running.
+    READY = "ready"
+    #: Shutdown has begun (SHUTDOWN sent, or the link closed).
+    STOPPING = "stopping"
+    #: The process has exited and been reaped.
+    EXITED = "exited"
+
+
+def current_router() -> Router:
+    """This process's router (the root router, id 0, unless this is a child)."""
+    try:
+        return _ROUTER.get()
+    except LookupError:
+        router = Router(ROOT_ID, "root")
+        _ROUTER.set(router)
+        return router
+
+
+def parent() -> Context:
+    """The context that started this process.
+
+    Raises:
+        RuntimeError: this process was not started by nursery_procs.
+    """
+    try:
+        return _PARENT.get()
+    except LookupError:
+        raise RuntimeError("this process is not a nursery_procs child: it has no parent") from None
+
+
+def in_child() -> bool:
+    """Whether this process is a child started by nursery_procs."""
+    try:
+        _PARENT.get()
+    except LookupError:
+        return False
+    return True
+
+
+@attrs.define(eq=False, repr=False)
+class Context:
+    """A handle on another context: a child you started, your parent, or any context
+    reachable through the tree.
+
+    Messages are any picklable object; ``bytes`` travel without pickling.
+    """
+
+    #: The context's id (the root is 0).
+    id: int
+    #: The context's name.
+    name: str
+    #: The id of the context that started it (``None`` for the root).
+    parent_id: int | None
+    _router: Router
+    _child: _Child | None = None
+    _pid: int | None = None
+    _inbox: trio.MemoryReceiveChannel[_wire.Message] = attrs.field(init=False)
+    _requests: trio.MemoryReceiveChannel[_wire.Message] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._inbox = self._router.inbox(self.id, Handle.CHANNEL)
+        self._requests = self._router.inbox(self.id, Handle.REQUEST)
+
+    def __repr__(self) -> str:
+        return f"<Context {self.id} {self.name!r} {self.state.value} pid={self.pid}>"
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The process id, if known here."""
+        if self._child is not None:
+            return self._child.pid
+        return self._pid
+
+    @property
+    def state(self) -> State:
+        """The context's :class:`State`, as far as this process knows."""
+        if self._child is not None:
+            return self._child.state
+        if self.id == self._router.id or self._router.knows(self.id):
+            return State.READY
+        if self._router.parent_route is not None and self.id == self._router.parent_route.peer_id:
+            return State.EXITED if self._router.parent_route.link.closed else State.READY
+        return State.EXITED
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once reaped (negative: killed by that signal), else ``None``."""
+        return self._child.returncode if self._child is not None else None
+
+    @property
+    def stderr_tail(self) -> tuple[str, ...]:
+        """The last lines the child wrote to stderr (children you started only)."""
+        return tuple(self._child.stderr_tail) if self._child is not None else ()
+
+    def _died(self, detail: str = "") -> ContextDied:
+        return ContextDied(self.name, self.id, self.returncode, self.stderr_tail, detail)
+
+    # -- messages --------------------------------------------------------
+
+    async def send(self, obj: object) -> None:
+        """Send *obj* to the context, to be read by its :meth:`receive`.
+
+        Raises:
+            ContextDied: the context is gone or its link is closed.
+            MessageUndeliverable: there is no route to it.
+            WireError: *obj* cannot be pickled or is over the size limit.
+
+        **Cancellation:** if cancelled while the message is being written, the link
+        is closed (a half-written frame cannot be taken back).
+        """
+        try:
+            await self._router.send(_wire.make(self.id, self._router.id, Handle.CHANNEL, obj))
+        except LinkClosed as exc:
+            raise self._died(f"its link is closed ({exc})") from None
+
+    async def receive(self) -> Any:
+        """Receive the next object the context sent to this one.
+
+        Raises:
+            trio.EndOfChannel: the context finished normally and everything it
+                sent has been received.
+            ContextDied: the context died (messages it sent before dying are
+                still delivered first).
+
+        **Cancellation:** safe; no message is lost.
+        """
+        try:
+            msg = await self._inbox.receive()
+        except trio.EndOfChannel:
+            raise self._end_of_channel() from None
+        return _wire.decode(msg)
+
+    def receive_nowait(self) -> Any:
+        """Like :meth:`receive` but raise :class:`trio.WouldBlock` if nothing is queued."""
+        try:
+            msg = self._inbox.receive_nowait()
+        except trio.EndOfChannel:
+            raise self._end_of_channel() from None
+        return _wire.decode(msg)
+
+    def _end_of_channel(self) -> BaseException:
+        child = self._child
+        if child is not None and child.returncode == 0 and not child.crashed:
+            return trio.EndOfChannel()
+        return self._died()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.receive()
+            except trio.EndOfChannel:
+                return
+
+    async def request(self, obj: object) -> Any:
+        """Send *obj* as a request and return the one reply.
+
+        The other side answers with :meth:`serve_requests`.
+
+        Raises:
+            ContextDied: the context died (or its route was lost) before replying.
+            MessageUndeliverable: the message could not be delivered (dead reply).
+            RemoteError: the remote handler raised.
+
+        **Cancellation:** safe; a reply that comes later is dropped.
+        """
+        try:
+            return await self._router.request(self.id, Handle.REQUEST, obj)
+        except LinkClosed as exc:
+            raise self._died(f"its link is closed ({exc})") from None
+
+    async def call(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the context and return its result.
+
+        *fn* is an importable function (sync or async) or a ``"module:function"``
+        string. A sync function runs on the child's Trio thread, so a long one
+        delays the child's other work (a SHUTDOWN still ends it, by SIGTERM).
+        Calls go down the tree only: a child cannot call into its parent.
+
+        Raises:
+            RemoteError: *fn* raised; it carries the remote type, message and
+                traceback.
+            ContextDied: the context died before answering.
+            MessageUndeliverable: the context refused the call (for example it is
+                not below this one).
+            WireError: the function or arguments cannot be pickled.
+
+        **Cancellation:** the call is abandoned here; it goes on in the child.
+        """
+        try:
+            return await self._router.request(self.id, Handle.CALL, (fn, args, kwargs))
+        except LinkClosed as exc:
+            raise self._died(f"its link is closed ({exc})") from None
+
+    async def serve_requests(self, handler: Callable[[Any], Awaitable[Any] | Any]) -> None:
+        """Answer every :meth:`request` this context sends here with ``handler(obj)``.
+
+        A sync handler is called straight from the link's reader (the fastest
+        path); an async one runs in a task per request. The handler's return value
+        is the reply; its exception reaches the requester as :class:`RemoteError`.
+        Returns when the context is gone.
+
+        Raises:
+            RuntimeError: requests from this context are already being served.
+
+        **Cancellation:** stops serving; requests still being handled are cancelled
+        and their requesters get no reply until the context is gone.
+        """
+        router = self._router
+        async with trio.open_nursery() as nursery:
+            # Requests that arrived before we started serving wait in the queue.
+            while True:
+                try:
+                    msg = self._requests.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    return
+                await router.answer_soon(msg, handler, nursery, None)
+            router.serve_requests(self.id, handler, nursery)
+            try:
+                async for msg in self._requests:  # ends when the context is gone
+                    await router.answer_soon(msg, handler, nursery, None)
+            finally:
+                router.stop_serving_requests(self.id)
+
+    # -- lifetime (children you started) -------------------------------------
+
+    def _owned(self) -> _Child:
+        if self._child is None:
+            raise RuntimeError(f"{self!r} was not started by this process")
+        return self._child
+
+    async def aclose(self) -> None:
+        """Shut the child down gracefully and reap it.
+
+        Sends SHUTDOWN; the child cancels its target, closes its own children and
+        exits. If it is still running after ``grace_period`` it gets SIGTERM, and
+        after ``kill_after`` more, SIGKILL. Idempotent: a second call waits for the
+        first to finish.
+
+        **Cancellation:** shielded, with a deadline of ``grace_period + kill_after``
+        plus a margin: the child is always reaped, gracefully or not.
+
+        **Resource handling:** on return the process has been reaped and its link,
+        pipes and route are closed.
+        """
+        await self._owned().stop()
+
+    async def wait(self) -> Any:
+        """Wait for the child to exit and return its target's return value.
+
+        Raises:
+            RemoteError: the target raised.
+            ContextDied: the child died without reporting a result (crash, kill).
+        """
+        child = self._owned()
+        await child.exited.wait()
+        ok, value = child.outcome if child.outcome is not None else (False, None)
+        if ok:
+            return value
+        if isinstance(value, BaseException):
+            raise value
+        raise self._died("it exited without reporting a result")
+
+
+def parent_context(router: Router, parent_id: int, parent_name: str) -> Context:
+    """The child's handle on its parent (pid from the OS)."""
+    return Context(parent_id, parent_name, None, router, None, os.getppid())

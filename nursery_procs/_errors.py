@@ -1,0 +1,113 @@
+"""The exceptions nursery_procs raises."""
+
+from __future__ import annotations
+
+
+class NurseryProcsError(Exception):
+    """Base class of every error this library raises."""
+
+
+class WireError(NurseryProcsError):
+    """A message could not be encoded or decoded (bad envelope, bad pickle)."""
+
+
+class LinkClosed(NurseryProcsError):
+    """The link is closed: by us, by the peer (with a close code), or by a lost stream.
+
+    Attributes:
+        code: the WebSocket close code (1000 normal, 1002 protocol error, 1006
+            connection lost without a close frame, 1009 message too big, ...).
+        reason: the close reason text, possibly empty.
+    """
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"link closed with code {code}" + (f": {reason}" if reason else ""))
+        self.code = code
+        self.reason = reason
+
+
+class HandshakeError(NurseryProcsError):
+    """The WebSocket opening handshake failed."""
+
+
+class ContextError(NurseryProcsError):
+    """Base class of errors about one context (a process in the tree)."""
+
+
+class ContextDied(ContextError):
+    """The context exited (or its link was lost) before it could answer.
+
+    Attributes:
+        name: the context's name.
+        context_id: the context's id.
+        returncode: the process's exit status, if it was reaped here (a negative
+            value is a signal number), else ``None``.
+        stderr_tail: the last lines the process wrote to stderr.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        context_id: int,
+        returncode: int | None = None,
+        stderr_tail: tuple[str, ...] = (),
+        detail: str = "",
+    ) -> None:
+        text = f"context {name!r} (id {context_id}) died"
+        if returncode is not None:
+            text += f" with return code {returncode}"
+        if detail:
+            text += f": {detail}"
+        if stderr_tail:
+            text += "\n--- tail of its stderr ---\n" + "\n".join(stderr_tail)
+        super().__init__(text)
+        self.name = name
+        self.context_id = context_id
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+class ChildStartError(ContextDied):
+    """A child failed while starting: it exited, broke its handshake or was not ready in time."""
+
+
+class MessageUndeliverable(ContextError):
+    """A *dead* reply came back: the message could not be delivered.
+
+    Attributes:
+        reason: why, as told by the router that refused it (for example
+            ``"no route to context 17 (from 3)"``).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RemoteError(NurseryProcsError):
+    """A function or request handler raised in another context.
+
+    Attributes:
+        remote_type: the qualified name of the remote exception's type.
+        remote_message: ``str()`` of the remote exception.
+        remote_traceback: the formatted remote traceback.
+    """
+
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str) -> None:
+        super().__init__(f"{remote_type}: {remote_message}")
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return (type(self), (self.remote_type, self.remote_message, self.remote_traceback))
+
+    def __str__(self) -> str:
+        return (
+            f"{self.remote_type}: {self.remote_message}\n"
+            f"--- remote traceback ---\n{self.remote_traceback.rstrip()}"
+        )
+
+
+class SupervisorError(NurseryProcsError):
+    """The supervisor gave up, for example after too many restarts."""

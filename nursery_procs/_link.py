@@ -1,0 +1,514 @@
+"""A lean RFC 6455 WebSocket connection over any Trio byte stream.
+
+The parent's end of a child's socketpair is the WebSocket *server*; the child is
+the *client* (as a Collabora kit connects to its master), so child-to-parent
+frames are masked as the RFC requires. The opening handshake is HTTP/1.1 and is
+done with :mod:`h11`; after it, frames are encoded here rather than through
+wsproto because the internal link sits on every message's hot path (see
+``docs/design.rst`` for the measurements).
+
+Only binary messages are carried. A text message, a malformed frame or a
+message above ``max_message_size`` closes the link with 1003, 1002 or 1009.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import struct
+from collections.abc import Callable
+from typing import Final
+
+import h11
+import trio
+
+from ._errors import HandshakeError, LinkClosed
+from ._wire import DEFAULT_MAX_MESSAGE_SIZE
+
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+OP_CONTINUATION: Final = 0x0
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+OP_CLOSE: Final = 0x8
+OP_PING: Final = 0x9
+OP_PONG: Final = 0xA
+
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_PROTOCOL_ERROR: Final = 1002
+CLOSE_UNSUPPORTED_DATA: Final = 1003
+CLOSE_NO_STATUS: Final = 1005
+CLOSE_ABNORMAL: Final = 1006
+CLOSE_MESSAGE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
+
+_U16: Final = struct.Struct("!H")
+_U64: Final = struct.Struct("!Q")
+_READ_SIZE: Final = 65536
+# Below this, masking with Python integers is cheaper than importing the C helper.
+_SMALL_MASK: Final = 2048
+
+_apply_mask_c: Callable[[bytes, bytes], bytes] | None = None
+
+
+def _mask_small(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
+    n = len(data)
+    if n == 0:
+        return b""
+    repeated = int.from_bytes(key * (n // 4 + 1), "little") & ((1 << (8 * n)) - 1)
+    return (int.from_bytes(data, "little") ^ repeated).to_bytes(n, "little")
+
+
+def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
+    """XOR *data* with the 4-byte masking *key* (RFC 6455 section 5.3)."""
+    global _apply_mask_c
+    if len(data) < _SMALL_MASK:
+        return _mask_small(data, key)
+    if _apply_mask_c is None:
+        # websockets ships a C implementation: 100x faster than Python integers on
+        # 1 MiB. Imported lazily so that a child's start-up does not pay for it.
+        try:
+            from websockets.speedups import apply_mask as c_apply_mask
+        except ImportError:  # pragma: no cover - wheels ship the extension
+            c_apply_mask = _mask_small
+        _apply_mask_c = c_apply_mask
+    return _apply_mask_c(bytes(data), key)
+
+
+def accept_token(key: str) -> str:
+    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+
+
+def _header(opcode: int, length: int, masked: bool) -> bytes:
+    b0 = 0x80 | opcode
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        return bytes((b0, mask_bit | length))
+    if length < 65536:
+        return bytes((b0, mask_bit | 126)) + _U16.pack(length)
+    return bytes((b0, mask_bit | 127)) + _U64.pack(length)
+
+
+class _SendGate:
+    """Keeps frames whole when many tasks send at once.
+
+    Unlike :class:`trio.Lock` it adds no checkpoint when free: ``send_all``
+    already has one, and this path runs for every message.
+    """
+
+    def __init__(self) -> None:
+        self.busy = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def __aenter__(self) -> None:
+        while self.busy:
+            await self._lot.park()
+        self.busy = True
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.busy = False
+        self._lot.unpark()
+
+
+class _ProtocolViolation(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Link:
+    """One WebSocket connection carrying binary messages.
+
+    Build one with :func:`connect_link` (client side) or :func:`accept_link`
+    (server side) rather than directly.
+
+    Sending is safe from many tasks at once (a lock keeps frames whole);
+    receiving is for one task at a time.
+
+    Args:
+        stream: the byte stream, already past the opening handshake.
+        client: ``True`` on the client side (frames are masked when sent and must
+            be unmasked when received), ``False`` on the server side.
+        max_message_size: the largest message accepted; a bigger one closes the
+            link with 1009.
+        initial: bytes already read from *stream* past the handshake.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        client: bool,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        initial: bytes = b"",
+    ) -> None:
+        self.stream = stream
+        self.client = client
+        self.max_message_size = max_message_size
+        self._buf = bytearray(initial)
+        self._send_lock = _SendGate()
+        self._fragments: list[bytes] = []
+        self._fragment_size = 0
+        #: The close code once the link is closed, else ``None``.
+        self.close_code: int | None = None
+        #: The close reason once the link is closed.
+        self.close_reason = ""
+        self._close_sent = False
+        self.messages_sent = 0
+        self.messages_received = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None
+
+    # -- sending ---------------------------------------------------------
+
+    async def send(self, *parts: bytes) -> None:
+        """Send one binary message made of the concatenation of *parts*.
+
+        Raises:
+            LinkClosed: the link is closed or the stream broke (the link is then
+                closed with 1006).
+
+        **Cancellation:** if cancelled midway, the frame may be half written; the
+        link is then closed, since the byte stream is no longer in sync.
+        """
+        if self.close_code is not None:
+            raise LinkClosed(self.close_code, self.close_reason)
+        length = sum(len(p) for p in parts)
+        if self.client:
+            key = os.urandom(4)
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            chunks: tuple[bytes, ...] = (
+                _header(OP_BINARY, length, True) + key + apply_mask(payload, key),
+            )
+        elif length < _READ_SIZE:
+            chunks = (b"".join((_header(OP_BINARY, length, False), *parts)),)
+        else:
+            # Large payloads are written as they are, not copied into one buffer.
+            chunks = (_header(OP_BINARY, length, False), *parts)
+        await self._write(chunks)
+        self.messages_sent += 1
+        self.bytes_sent += length
+
+    async def _write(self, chunks: tuple[bytes, ...]) -> None:
+        async with self._send_lock:
+            if self.close_code is not None:
+                raise LinkClosed(self.close_code, self.close_reason)
+            done = False
+            try:
+                for chunk in chunks:
+                    await self.stream.send_all(chunk)
+                done = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._mark_closed(CLOSE_ABNORMAL, f"stream broke while sending: {exc!r}")
+                raise LinkClosed(self.close_code or CLOSE_ABNORMAL, self.close_reason) from None
+            finally:
+                if not done and self.close_code is None:
+                    # The byte stream is out of step now; nothing more can be sent.
+                    self._mark_closed(CLOSE_ABNORMAL, "cancelled in the middle of a frame")
+
+    async def _send_control(self, opcode: int, payload: bytes) -> None:
+        if self.client:
+            key = os.urandom(4)
+            frame = _header(opcode, len(payload), True) + key + apply_mask(payload, key)
+        else:
+            frame = _header(opcode, len(payload), False) + payload
+        async with self._send_lock:
+            await self.stream.send_all(frame)
+
+    # -- receiving -------------------------------------------------------
+
+    async def receive(self) -> bytes:
+        """Receive the next binary message.
+
+        Pings are answered, pongs ignored. A close frame from the peer is answered
+        and ends the link.
+
+        Raises:
+            LinkClosed: the link is closed; ``code`` tells why (1000 or the peer's
+                code after a close frame, 1006 if the stream ended without one,
+                1002/1003/1009 if the peer broke the protocol, in which case the
+                link has sent that close code to the peer).
+        """
+        if self.close_code is not None:
+            raise LinkClosed(self.close_code, self.close_reason)
+        try:
+            while True:
+                opcode, fin, payload = await self._read_frame()
+                if opcode == OP_BINARY or opcode == OP_CONTINUATION:
+                    if opcode == OP_BINARY and self._fragments:
+                        raise _ProtocolViolation(
+                            CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one"
+                        )
+                    if opcode == OP_CONTINUATION and not self._fragments:
+                        raise _ProtocolViolation(
+                            CLOSE_PROTOCOL_ERROR, "continuation frame with no message"
+                        )
+                    if fin and not self._fragments:
+                        self.messages_received += 1
+                        self.bytes_received += len(payload)
+                        return payload
+                    self._fragments.append(payload)
+                    self._fragment_size += len(payload)
+                    if fin:
+                        message = b"".join(self._fragments)
+                        self._fragments.clear()
+                        self._fragment_size = 0
+                        self.messages_received += 1
+                        self.bytes_received += len(message)
+                        return message
+                elif opcode == OP_TEXT:
+                    raise _ProtocolViolation(
+                        CLOSE_UNSUPPORTED_DATA, "this link carries binary messages only"
+                    )
+                elif opcode == OP_PING:
+                    await self._send_control(OP_PONG, payload)
+                elif opcode == OP_CLOSE:
+                    await self._on_close_frame(payload)
+                # OP_PONG: nothing to do.
+        except _ProtocolViolation as violation:
+            await self._fail(violation.code, violation.reason)
+            raise LinkClosed(violation.code, violation.reason) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if self.close_code is None:
+                self._mark_closed(CLOSE_ABNORMAL, f"stream broke: {exc!r}")
+            raise LinkClosed(self.close_code or CLOSE_ABNORMAL, self.close_reason) from None
+
+    async def _fill(self, needed: int) -> None:
+        buf = self._buf
+        while len(buf) < needed:
+            data = await self.stream.receive_some(max(_READ_SIZE, needed - len(buf)))
+            if not data:
+                self._mark_closed(CLOSE_ABNORMAL, "stream ended without a close frame")
+                await self._close_stream()
+                raise LinkClosed(self.close_code or CLOSE_ABNORMAL, self.close_reason)
+            buf += data
+
+    async def _read_frame(self) -> tuple[int, bool, bytes]:
+        buf = self._buf
+        if len(buf) < 2:
+            await self._fill(2)
+        b0, b1 = buf[0], buf[1]
+        fin = bool(b0 & 0x80)
+        opcode = b0 & 0x0F
+        if b0 & 0x70:
+            raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension)")
+        if opcode not in (OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG):
+            raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode 0x{opcode:x}")
+        masked = bool(b1 & 0x80)
+        if masked == self.client:
+            side = "server" if self.client else "client"
+            raise _ProtocolViolation(
+                CLOSE_PROTOCOL_ERROR,
+                f"frame from the {side} must {'not ' if self.client else ''}be masked",
+            )
+        length = b1 & 0x7F
+        offset = 2
+        if length == 126:
+            await self._fill(4)
+            length = _U16.unpack_from(buf, 2)[0]
+            offset = 4
+        elif length == 127:
+            await self._fill(10)
+            length = _U64.unpack_from(buf, 2)[0]
+            offset = 10
+            if length >> 63:
+                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "payload length has its top bit set")
+        if opcode >= OP_CLOSE:
+            if length > 125:
+                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frame longer than 125")
+            if not fin:
+                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
+        elif self._fragment_size + length > self.max_message_size:
+            raise _ProtocolViolation(
+                CLOSE_MESSAGE_TOO_BIG,
+                f"message over {self.max_message_size} bytes",
+            )
+        key = b""
+        if masked:
+            await self._fill(offset + 4)
+            key = bytes(buf[offset : offset + 4])
+            offset += 4
+        end = offset + length
+        if len(buf) < end:
+            await self._fill(end)
+        payload = bytes(buf[offset:end])
+        del buf[:end]
+        if masked:
+            payload = apply_mask(payload, key)
+        return opcode, fin, payload
+
+    async def _on_close_frame(self, payload: bytes) -> None:
+        if len(payload) == 1:
+            raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
+        if payload:
+            code = _U16.unpack_from(payload)[0]
+            try:
+                reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close reason is not UTF-8") from None
+        else:
+            code, reason = CLOSE_NO_STATUS, ""
+        if not self._close_sent:
+            self._close_sent = True
+            echo = b"" if code == CLOSE_NO_STATUS else _U16.pack(code)
+            try:
+                await self._send_control(OP_CLOSE, echo)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        self._mark_closed(code, reason)
+        await self._close_stream()
+        raise LinkClosed(code, reason)
+
+    async def _fail(self, code: int, reason: str) -> None:
+        await self.aclose(code, reason)
+
+    # -- closing ---------------------------------------------------------
+
+    def _mark_closed(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+
+    async def _close_stream(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Send a close frame (if none was sent) and close the stream.
+
+        Idempotent. The peer's answering close frame is not awaited: the stream is
+        closed at once, which the peer sees as the end of the connection.
+
+        **Cancellation:** shielded; it always closes the stream.
+        """
+        encoded = reason.encode("utf-8")[:123]
+        if not self._close_sent and self.close_code is None:
+            self._close_sent = True
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 1.0
+                try:
+                    await self._send_control(OP_CLOSE, _U16.pack(code) + encoded)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                except trio.BusyResourceError:  # pragma: no cover - defensive
+                    pass
+        self._mark_closed(code, reason)
+        await self._close_stream()
+
+
+async def _read_h11_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Event | type[h11.PAUSED]:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(_READ_SIZE)
+            conn.receive_data(data)
+            if not data and conn.their_state is not h11.SWITCHED_PROTOCOL:
+                raise HandshakeError("the stream ended during the WebSocket handshake")
+            continue
+        return event  # type: ignore[return-value]
+
+
+def _header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+async def connect_link(
+    stream: trio.abc.Stream,
+    *,
+    resource: str = "/",
+    host: str = "localhost",
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> Link:
+    """Open a WebSocket connection as the client over *stream*.
+
+    Raises:
+        HandshakeError: the server refused the upgrade or answered nonsense.
+    """
+    conn = h11.Connection(h11.CLIENT)
+    key = base64.b64encode(os.urandom(16)).decode("ascii")
+    request = h11.Request(
+        method="GET",
+        target=resource,
+        headers=[
+            ("Host", host),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", key),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+    )
+    try:
+        await stream.send_all(conn.send(request) or b"")
+        conn.send(h11.EndOfMessage())
+        event = await _read_h11_event(conn, stream)
+    except h11.RemoteProtocolError as exc:
+        raise HandshakeError(f"bad handshake response: {exc}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise HandshakeError(f"stream broke during the handshake: {exc!r}") from None
+    if not isinstance(event, h11.InformationalResponse) or event.status_code != 101:
+        status = getattr(event, "status_code", event)
+        raise HandshakeError(f"server refused the WebSocket upgrade (status {status})")
+    if _header_value(event.headers, b"sec-websocket-accept") != accept_token(key):
+        raise HandshakeError("server answered with a wrong Sec-WebSocket-Accept")
+    trailing, _ = conn.trailing_data
+    return Link(stream, client=True, max_message_size=max_message_size, initial=bytes(trailing))
+
+
+async def accept_link(
+    stream: trio.abc.Stream, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+) -> tuple[Link, str]:
+    """Accept a WebSocket connection as the server over *stream*.
+
+    Returns:
+        The link and the resource (path) the client asked for.
+
+    Raises:
+        HandshakeError: the client's request was not a valid WebSocket upgrade
+            (it has been answered with 400 and the stream closed).
+    """
+    conn = h11.Connection(h11.SERVER)
+    try:
+        event = await _read_h11_event(conn, stream)
+        if not isinstance(event, h11.Request):
+            raise HandshakeError(f"expected an HTTP request, got {event!r}")
+        headers = event.headers
+        key = _header_value(headers, b"sec-websocket-key")
+        if (
+            event.method != b"GET"
+            or "websocket" not in _header_value(headers, b"upgrade").lower()
+            or "upgrade" not in _header_value(headers, b"connection").lower()
+            or _header_value(headers, b"sec-websocket-version") != "13"
+            or not key
+        ):
+            reply = conn.send(h11.Response(status_code=400, headers=[("Content-Length", "0")]))
+            await stream.send_all(reply or b"")
+            await trio.aclose_forcefully(stream)
+            raise HandshakeError("not a WebSocket version 13 upgrade request")
+        response = h11.InformationalResponse(
+            status_code=101,
+            headers=[
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Accept", accept_token(key)),
+            ],
+        )
+        await stream.send_all(conn.send(response) or b"")
+    except h11.RemoteProtocolError as exc:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError(f"bad handshake request: {exc}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise HandshakeError(f"stream broke during the handshake: {exc!r}") from None
+    trailing, _ = conn.trailing_data
+    link = Link(stream, client=False, max_message_size=max_message_size, initial=bytes(trailing))
+    return link, event.target.decode("latin-1")

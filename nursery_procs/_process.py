@@ -1,0 +1,166 @@
+"""Starting child processes, escalating their shutdown, and reaping them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+import trio
+
+#: Environment variable: a new child sleeps this many seconds before its target,
+#: after logging its pid, so that a debugger can attach.
+DEBUG_SLEEP_ENV = "NURSERY_PROCS_SLEEP_FOR_DEBUGGER"
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+# Socket buffers sized so that a 1 MiB message needs few wake-ups each way.
+_SOCKET_BUFFER = 1 << 20
+
+
+def _nonnegative(name: str) -> object:
+    def check(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, not {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class Policy:
+    """Timing and limits for the children of a supervisor (all in seconds of
+    ``trio.current_time()``, so they run on a fake clock in tests)."""
+
+    #: After SHUTDOWN, how long the child has to exit before SIGTERM.
+    grace_period: float = attrs.field(default=5.0, validator=_nonnegative("grace_period"))
+    #: After SIGTERM, how long before SIGKILL.
+    kill_after: float = attrs.field(default=5.0, validator=_nonnegative("kill_after"))
+    #: How long a new child may take to say it is ready (a debugger sleep is added).
+    ready_timeout: float = attrs.field(default=60.0, validator=_nonnegative("ready_timeout"))
+    #: The largest message a link accepts, either way.
+    max_message_size: int = attrs.field(default=64 * 1024 * 1024)
+    #: How long to wait for a reaped child's pipes to reach end of file (a process
+    #: it started may still hold them).
+    drain_timeout: float = attrs.field(default=1.0, validator=_nonnegative("drain_timeout"))
+
+    @max_message_size.validator
+    def _check_size(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if value < 1024:
+            raise ValueError(f"max_message_size must be >= 1024, not {value!r}")
+
+    @property
+    def close_deadline(self) -> float:
+        """How long a shielded close may take in all: grace, SIGTERM wait, and a margin."""
+        return self.grace_period + self.kill_after + 2.0
+
+
+class ProcessLike(Protocol):
+    """What escalation needs of a process; :class:`trio.Process` fits, and so do fakes."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+async def escalate(process: ProcessLike, *, grace_period: float, kill_after: float) -> int:
+    """Wait for *process* to exit: ``grace_period``, then SIGTERM, ``kill_after``, then
+    SIGKILL. Returns its exit status once reaped.
+
+    The caller has already asked the process to stop (SHUTDOWN or a closed link).
+
+    **Cancellation:** if cancelled, the process may be left running; callers shield
+    it (see :meth:`Context.aclose`).
+    """
+    with trio.move_on_after(grace_period):
+        return await process.wait()
+    if process.returncode is None:
+        process.terminate()
+    with trio.move_on_after(kill_after):
+        return await process.wait()
+    if process.returncode is None:
+        process.kill()
+    return await process.wait()
+
+
+async def kill_and_reap(process: ProcessLike) -> int:
+    """SIGKILL (if still running) and reap, shielded: the last resort of every exit path."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            try:
+                process.kill()
+            except ProcessLookupError:  # pragma: no cover - already gone
+                pass
+        return await process.wait()
+
+
+@attrs.define(eq=False)
+class Spawned:
+    """A freshly started child process and the parent's end of its socketpair."""
+
+    process: trio.Process
+    stream: trio.SocketStream
+
+
+def _child_env(debug_sleep: float | None) -> dict[str, str]:
+    env = dict(os.environ)
+    # The child must import this very copy of nursery_procs, installed or not.
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + existing if existing else "")
+    if debug_sleep is not None:
+        env[DEBUG_SLEEP_ENV] = str(debug_sleep)
+    return env
+
+
+async def spawn(*, debug_sleep: float | None = None) -> Spawned:
+    """Start ``python -m nursery_procs._child`` with one end of a socketpair.
+
+    The child runs in its own process group, so a terminal's Ctrl-C reaches only
+    the master, which then shuts children down in order.
+    """
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        for sock in (parent_sock, child_sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        fd = child_sock.fileno()
+        argv = [sys.executable, "-m", "nursery_procs._child", str(fd), str(os.getpid())]
+        process = await trio.lowlevel.open_process(
+            argv,
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            process_group=0,
+            env=_child_env(debug_sleep),
+        )
+    except BaseException:
+        parent_sock.close()
+        raise
+    finally:
+        child_sock.close()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
+    return Spawned(process, stream)
+
+
+def signal_name(returncode: int | None) -> str:
+    """``"SIGKILL"`` for -9, ``"exit status 3"`` for 3."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit status {returncode}"

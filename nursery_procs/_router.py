@@ -1,0 +1,569 @@
+"""Per-process routing: the route table, handles, pending replies and dead replies.
+
+Each process has one :class:`Router` per Trio run. It knows the link toward its
+parent (the default route upward) and, for each child link, the set of context
+ids that live behind it. A message for another context is forwarded; a message
+for this context goes to the handler registered for its handle; a message that
+cannot be delivered is answered with a *dead* reply so that nobody waits on it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from . import _wire
+from ._errors import (
+    ContextDied,
+    LinkClosed,
+    MessageUndeliverable,
+    RemoteError,
+    WireError,
+)
+from ._link import CLOSE_PROTOCOL_ERROR, Link
+from ._wire import Handle, Message
+
+log = logging.getLogger("nursery_procs.router")
+
+ROOT_ID = 0
+_CHILD_CONTROL = frozenset((Handle.RESULT, Handle.LOG, Handle.READY))
+#: How many ids the root hands out at once to a context that starts children.
+ID_BLOCK_SIZE = 64
+
+
+#: A message handler: sync, or returning an awaitable that the link's pump awaits.
+Handler = Callable[["Message", "Route | None"], Awaitable[None] | None]
+
+
+class RouteOwner(Protocol):
+    """Who is told about the control messages of a direct child (its supervisor)."""
+
+    def handle_control(self, msg: Message) -> None: ...
+
+
+@attrs.define(eq=False)
+class Route:
+    """A link to a neighbouring context and the ids reachable through it."""
+
+    link: Link
+    #: The id of the context at the other end of the link.
+    peer_id: int
+    #: Every id reachable through this link (the peer and, for a child, its subtree).
+    ids: set[int] = attrs.field(factory=set)
+    #: ``True`` for the link toward this process's parent.
+    upward: bool = False
+    owner: RouteOwner | None = None
+    #: Messages forwarded or delivered from this link.
+    messages_in: int = 0
+    messages_out: int = 0
+
+
+@attrs.frozen
+class ContextInfo:
+    """What a router knows about a context it can reach."""
+
+    #: The context's id.
+    id: int
+    #: The context's name.
+    name: str
+    #: The id of the context that started it.
+    parent_id: int
+    #: Its process id.
+    pid: int
+
+
+@attrs.define(eq=False)
+class _Pending:
+    dst_id: int
+    event: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        if not self.event.is_set():
+            self.result = result
+            self.error = error
+            self.event.set()
+
+
+def outcome_of(exc: BaseException) -> RemoteError:
+    """Wrap an exception raised here so that it can travel to another context."""
+    if isinstance(exc, RemoteError):
+        return exc
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return RemoteError(name, str(exc), "".join(traceback.format_exception(exc)))
+
+
+class Router:
+    """The router of one process (one Trio run).
+
+    Args:
+        context_id: this context's id (the root is 0).
+        name: this context's name.
+        siblings_may_talk: when ``False``, a message arriving from one child link
+            and bound for another is refused with a dead reply.
+    """
+
+    def __init__(self, context_id: int, name: str, *, siblings_may_talk: bool = True) -> None:
+        self.id = context_id
+        self.name = name
+        self.siblings_may_talk = siblings_may_talk
+        self.parent_route: Route | None = None
+        self._routes: dict[int, Route] = {}
+        self._handlers: dict[int, Handler] = {}
+        self._request_servers: dict[int, tuple[Callable[[Any], Any], trio.Nursery]] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._next_handle = _wire.FIRST_DYNAMIC_HANDLE
+        self._inboxes: dict[tuple[int, int], tuple[trio.MemorySendChannel[Message], trio.MemoryReceiveChannel[Message]]] = {}
+        self._next_id = 1
+        self._id_block: list[int] = []
+        self._id_lock = trio.Lock()
+        #: Contexts this router knows about (its subtree; for the root, the whole tree).
+        self.directory: dict[int, ContextInfo] = {}
+        #: Called with ``(ids, reason)`` when contexts behind a child link go away.
+        self.on_routes_lost: list[Callable[[frozenset[int]], None]] = []
+        self.dropped = 0
+        self.dead_replies_sent = 0
+        self._handlers[Handle.ADD_ROUTE] = self._on_add_route
+        self._handlers[Handle.DEL_ROUTE] = self._on_del_route
+        self._handlers[Handle.DEAD] = self._on_dead_notice
+        self._handlers[Handle.CHANNEL] = self._to_inbox
+        self._handlers[Handle.REQUEST] = self._on_request
+        if context_id == ROOT_ID:
+            self._handlers[Handle.ALLOCATE_ID] = self._on_allocate_id
+
+    def __repr__(self) -> str:
+        return f"<Router {self.id} {self.name!r}>"
+
+    # -- handles ---------------------------------------------------------
+
+    def add_handler(self, handle: int, handler: Handler) -> None:
+        """Deliver messages for *handle* to *handler*.
+
+        It runs in the link's pump: if it returns an awaitable, the pump awaits it
+        before reading the next message, so it must not wait for long.
+        """
+        self._handlers[handle] = handler
+
+    def serve_requests(
+        self, src_id: int, handler: Callable[[Any], Any], nursery: trio.Nursery
+    ) -> None:
+        """Answer REQUESTs from *src_id* with *handler* straight from the pump.
+
+        A sync handler's reply is sent without a task switch; an async one runs in
+        a task of *nursery*.
+        """
+        if src_id in self._request_servers:
+            raise RuntimeError(f"requests from context {src_id} are already being served")
+        self._request_servers[src_id] = (handler, nursery)
+
+    def stop_serving_requests(self, src_id: int) -> None:
+        self._request_servers.pop(src_id, None)
+
+    def _on_request(self, msg: Message, route: Route | None) -> Awaitable[None] | None:
+        server = self._request_servers.get(msg.src_id)
+        if server is None:
+            self._to_inbox(msg, route)
+            return None
+        handler, nursery = server
+        return self.answer_soon(msg, handler, nursery, None)
+
+    async def answer_soon(
+        self,
+        msg: Message,
+        handler: Callable[..., Any],
+        nursery: trio.Nursery,
+        call: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    ) -> None:
+        """Run *handler* on *msg*'s payload (or on *call*'s arguments) and reply.
+
+        A sync handler runs here and now; an awaitable result is awaited in a new
+        task of *nursery*, so slow handlers never hold up the pump.
+        """
+        try:
+            if call is None:
+                result = handler(_wire.decode(msg))
+            else:
+                result = handler(*call[0], **call[1])
+        except Exception as exc:
+            await self.reply(msg, (False, outcome_of(exc)))
+            return
+        if inspect.isawaitable(result):
+            nursery.start_soon(self._finish_answer, msg, result)
+        else:
+            await self.reply(msg, (True, result))
+
+    async def _finish_answer(self, msg: Message, pending: Awaitable[Any]) -> None:
+        try:
+            result = await pending
+        except Exception as exc:
+            await self.reply(msg, (False, outcome_of(exc)))
+        else:
+            await self.reply(msg, (True, result))
+
+    def new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def inbox(self, src_id: int, handle: int = Handle.CHANNEL) -> trio.MemoryReceiveChannel[Message]:
+        """The queue of messages from *src_id* for a user handle (CHANNEL or REQUEST).
+
+        It is unbounded on purpose: a reader that stopped reading must never stop
+        the link's pump, or replies and SHUTDOWN behind it would never arrive.
+        """
+        pair = self._inboxes.get((src_id, handle))
+        if pair is None:
+            pair = trio.open_memory_channel[Message](math.inf)
+            self._inboxes[(src_id, handle)] = pair
+        return pair[1]
+
+    def close_inboxes(self, src_id: int) -> None:
+        for handle in (Handle.CHANNEL, Handle.REQUEST):
+            pair = self._inboxes.pop((src_id, handle), None)
+            if pair is not None:
+                pair[0].close()
+
+    def _to_inbox(self, msg: Message, route: Route | None) -> None:
+        pair = self._inboxes.get((msg.src_id, msg.handle))
+        if pair is None:
+            self.inbox(msg.src_id, msg.handle)
+            pair = self._inboxes[(msg.src_id, msg.handle)]
+        pair[0].send_nowait(msg)
+
+    # -- routes ----------------------------------------------------------
+
+    def route_for(self, dst_id: int) -> Route | None:
+        route = self._routes.get(dst_id)
+        if route is not None:
+            return route
+        return self.parent_route
+
+    def knows(self, context_id: int) -> bool:
+        return context_id in self._routes
+
+    @property
+    def child_routes(self) -> list[Route]:
+        seen: dict[int, Route] = {}
+        for route in self._routes.values():
+            seen[id(route)] = route
+        return list(seen.values())
+
+    def set_parent(self, link: Link, parent_id: int) -> Route:
+        self.parent_route = Route(link, parent_id, {parent_id}, upward=True)
+        return self.parent_route
+
+    async def add_child_route(self, link: Link, info: ContextInfo, owner: RouteOwner) -> Route:
+        """Register a direct child and tell the parent (ADD_ROUTE upward)."""
+        route = Route(link, info.id, {info.id}, owner=owner)
+        self._routes[info.id] = route
+        self.directory[info.id] = info
+        await self._announce(Handle.ADD_ROUTE, (info.id, info.name, info.parent_id, info.pid))
+        return route
+
+    def update_info(self, info: ContextInfo) -> None:
+        self.directory[info.id] = info
+
+    async def remove_route(self, route: Route, error: Callable[[int], BaseException]) -> None:
+        """Forget every context behind *route*; fail requests waiting on them."""
+        ids = frozenset(i for i, r in self._routes.items() if r is route)
+        await self._forget(ids, error)
+
+    async def _forget(self, ids: frozenset[int], error: Callable[[int], BaseException]) -> None:
+        if not ids:
+            return
+        for context_id in ids:
+            self._routes.pop(context_id, None)
+            self.directory.pop(context_id, None)
+            self.close_inboxes(context_id)
+        for pending in list(self._pending.values()):
+            if pending.dst_id in ids:
+                pending.settle(error=error(pending.dst_id))
+        for callback in self.on_routes_lost:
+            callback(ids)
+        await self._announce(Handle.DEL_ROUTE, tuple(sorted(ids)))
+
+    async def _announce(self, handle: int, payload: object) -> None:
+        if self.parent_route is None:
+            return
+        msg = _wire.make(self.parent_route.peer_id, self.id, handle, payload)
+        try:
+            await self._send_on(self.parent_route, msg)
+        except LinkClosed:
+            pass
+
+    def _on_add_route(self, msg: Message, route: Route | None) -> None:
+        if route is None or route.upward:
+            self._drop(msg, route, "ADD_ROUTE from a context that is not a child")
+            return
+        try:
+            context_id, name, parent_id, pid = _wire.decode(msg)
+        except (WireError, ValueError, TypeError):
+            self._drop(msg, route, "malformed ADD_ROUTE")
+            return
+        if parent_id not in route.ids or context_id in self._routes or context_id == self.id:
+            self._drop(msg, route, f"ADD_ROUTE for {context_id} under {parent_id} is not allowed")
+            return
+        route.ids.add(context_id)
+        self._routes[context_id] = route
+        self.directory[context_id] = ContextInfo(context_id, str(name), parent_id, int(pid))
+        self._spawn_system(self._announce, Handle.ADD_ROUTE, (context_id, name, parent_id, pid))
+
+    def _on_del_route(self, msg: Message, route: Route | None) -> None:
+        if route is None or route.upward:
+            self._drop(msg, route, "DEL_ROUTE from a context that is not a child")
+            return
+        try:
+            ids = frozenset(int(i) for i in _wire.decode(msg))
+        except (WireError, ValueError, TypeError):
+            self._drop(msg, route, "malformed DEL_ROUTE")
+            return
+        # A child may only withdraw contexts behind itself, never itself.
+        ids = frozenset(i for i in ids if i in route.ids and i != route.peer_id)
+        route.ids -= ids
+
+        def gone(context_id: int) -> BaseException:
+            info = self.directory.get(context_id)
+            name = info.name if info else str(context_id)
+            return ContextDied(name, context_id, detail="its route was lost")
+
+        self._spawn_system(self._forget, ids, gone)
+
+    def _on_allocate_id(self, msg: Message, route: Route | None) -> None:
+        start = self._next_id
+        self._next_id += ID_BLOCK_SIZE
+        self._spawn_system(self.reply, msg, (True, (start, start + ID_BLOCK_SIZE)))
+
+    async def allocate_id(self) -> int:
+        """A fresh context id: counted at the root, from blocks the root hands out elsewhere."""
+        if self.id == ROOT_ID:
+            context_id = self._next_id
+            self._next_id += 1
+            return context_id
+        async with self._id_lock:
+            if not self._id_block:
+                start, stop = await self.request(ROOT_ID, Handle.ALLOCATE_ID, ID_BLOCK_SIZE)
+                self._id_block = list(range(int(start), int(stop)))
+            return self._id_block.pop(0)
+
+    # -- system tasks ----------------------------------------------------
+
+    def _spawn_system(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run a short router chore (a dead reply, a route notice) without blocking a pump."""
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:  # a chore must never take the whole run down
+                log.exception("%r: a routing chore failed", self)
+
+        trio.lowlevel.spawn_system_task(guarded, name=f"nursery_procs router {self.id} chore")
+
+    # -- sending ---------------------------------------------------------
+
+    async def _send_on(self, route: Route, msg: Message) -> None:
+        header = _wire.HEADER.pack(msg.flags, msg.dst_id, msg.src_id, msg.handle, msg.reply_to)
+        if len(header) + len(msg.data) > route.link.max_message_size:
+            raise WireError(
+                f"message of {len(msg.data)} bytes is over the link's limit of "
+                f"{route.link.max_message_size} bytes"
+            )
+        await route.link.send(header, msg.data)
+        route.messages_out += 1
+
+    async def send(self, msg: Message) -> None:
+        """Send *msg* toward its destination.
+
+        Raises:
+            MessageUndeliverable: there is no route to the destination.
+            LinkClosed: the link toward it is closed.
+            WireError: the message is larger than the link accepts.
+        """
+        if msg.dst_id == self.id:
+            await self._deliver(msg, None)
+            return
+        route = self.route_for(msg.dst_id)
+        if route is None:
+            raise MessageUndeliverable(f"no route to context {msg.dst_id} (from {self.id})")
+        await self._send_on(route, msg)
+
+    async def request(self, dst_id: int, handle: int, obj: object) -> Any:
+        """Send *obj* to ``(dst_id, handle)`` and wait for the one reply.
+
+        Raises:
+            MessageUndeliverable: a dead reply came back.
+            ContextDied: the destination (or the route to it) went away first.
+            RemoteError: the remote handler raised.
+        """
+        reply_to = self.new_handle()
+        pending = _Pending(dst_id)
+        self._pending[reply_to] = pending
+        self._handlers[reply_to] = self._on_reply
+        try:
+            await self.send(_wire.make(dst_id, self.id, handle, obj, reply_to))
+            await pending.event.wait()
+        finally:
+            del self._pending[reply_to]
+            del self._handlers[reply_to]
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _on_reply(self, msg: Message, route: Route | None) -> None:
+        pending = self._pending.get(msg.handle)
+        if pending is None:  # pragma: no cover - removed under us
+            return
+        if msg.is_dead:
+            pending.settle(error=MessageUndeliverable(msg.data.decode("utf-8", "replace")))
+            return
+        try:
+            ok, value = _wire.decode(msg)
+        except (WireError, ValueError, TypeError) as exc:
+            pending.settle(error=WireError(f"malformed reply: {exc}"))
+            return
+        if ok:
+            pending.settle(result=value)
+        else:
+            pending.settle(error=value if isinstance(value, BaseException) else RemoteError(
+                "unknown", repr(value), ""
+            ))
+
+    async def reply(self, msg: Message, outcome: tuple[bool, object]) -> None:
+        """Answer *msg* (which carried a ``reply_to``); swallow a vanished requester."""
+        if not msg.reply_to:
+            return
+        try:
+            reply = _wire.make(msg.src_id, self.id, msg.reply_to, outcome)
+        except WireError as exc:
+            reply = _wire.make(msg.src_id, self.id, msg.reply_to, (False, outcome_of(exc)))
+        try:
+            await self.send(reply)
+        except (LinkClosed, MessageUndeliverable):
+            log.debug("%r: the requester %d went away before its reply", self, msg.src_id)
+        except WireError as exc:
+            await self.send(_wire.make(msg.src_id, self.id, msg.reply_to, (False, outcome_of(exc))))
+
+    # -- receiving -------------------------------------------------------
+
+    async def pump(self, route: Route) -> None:
+        """Read *route*'s link until it closes, dispatching every message.
+
+        A malformed envelope closes the link with 1002. Returns when the link is
+        closed; never raises :class:`LinkClosed`.
+        """
+        link = route.link
+        while True:
+            try:
+                raw = await link.receive()
+            except LinkClosed:
+                return
+            try:
+                msg = _wire.unpack(raw)
+            except WireError as exc:
+                log.warning("%r: closing the link to %d: %s", self, route.peer_id, exc)
+                await link.aclose(CLOSE_PROTOCOL_ERROR, str(exc)[:100])
+                return
+            route.messages_in += 1
+            await self.dispatch(msg, route)
+
+    async def dispatch(self, msg: Message, route: Route | None) -> None:
+        """Deliver or forward one message that arrived on *route*."""
+        if route is not None and not self._source_ok(msg.src_id, route):
+            self._drop(msg, route, f"source {msg.src_id} cannot be behind this link")
+            return
+        if msg.dst_id == self.id:
+            await self._deliver(msg, route)
+            return
+        target = self.route_for(msg.dst_id)
+        if target is None:
+            await self.send_dead(msg, f"no route to context {msg.dst_id} (from {self.id})")
+            return
+        if target is route:
+            await self.send_dead(msg, f"context {msg.dst_id} is not behind {self.id}")
+            return
+        if (
+            not self.siblings_may_talk
+            and route is not None
+            and not route.upward
+            and not target.upward
+        ):
+            await self.send_dead(
+                msg,
+                f"policy: context {msg.src_id} may not message {msg.dst_id} (not up or down "
+                f"the tree, at {self.id})",
+            )
+            return
+        try:
+            await self._send_on(target, msg)
+        except (LinkClosed, WireError) as exc:
+            await self.send_dead(msg, f"could not forward to {msg.dst_id} at {self.id}: {exc}")
+
+    def _source_ok(self, src_id: int, route: Route) -> bool:
+        expected = self._routes.get(src_id)
+        if expected is not None:
+            return expected is route
+        # Ids that are not below us can only arrive from above.
+        return route.upward and src_id != self.id
+
+    async def _deliver(self, msg: Message, route: Route | None) -> None:
+        if (
+            route is not None
+            and route.owner is not None
+            and msg.src_id == route.peer_id
+            and msg.handle in _CHILD_CONTROL
+        ):
+            route.owner.handle_control(msg)
+            return
+        handler = self._handlers.get(msg.handle)
+        if handler is None:
+            if msg.is_dead:
+                self._on_dead_notice(msg, route)
+                return
+            await self.send_dead(msg, f"no handle {msg.handle} in context {self.id} ({self.name})")
+            return
+        pending = handler(msg, route)
+        if pending is not None:
+            await pending
+
+    def _drop(self, msg: Message, route: Route | None, why: str) -> None:
+        self.dropped += 1
+        peer = route.peer_id if route is not None else self.id
+        log.warning(
+            "%r dropped a message (dst %d, src %d, handle %d) from the link to %d: %s",
+            self,
+            msg.dst_id,
+            msg.src_id,
+            msg.handle,
+            peer,
+            why,
+        )
+
+    async def send_dead(self, msg: Message, reason: str) -> None:
+        """Answer an undeliverable *msg* with a dead reply (never a dead reply to a dead one)."""
+        if msg.is_dead:
+            log.info("%r: a dead reply was itself undeliverable: %s", self, reason)
+            return
+        log.info("%r: undeliverable message (handle %d from %d): %s", self, msg.handle, msg.src_id, reason)
+        handle = msg.reply_to or Handle.DEAD
+        dead = Message(msg.src_id, self.id, handle, 0, reason.encode("utf-8"), _wire.DEAD | _wire.RAW)
+        self.dead_replies_sent += 1
+        try:
+            await self.send(dead)
+        except (LinkClosed, MessageUndeliverable, WireError):
+            log.debug("%r: could not deliver a dead reply to %d", self, msg.src_id)
+
+    def _on_dead_notice(self, msg: Message, route: Route | None) -> None:
+        log.warning(
+            "%r: a message sent from here could not be delivered: %s",
+            self,
+            msg.data.decode("utf-8", "replace"),
+        )
+

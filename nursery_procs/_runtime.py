@@ -1,0 +1,247 @@
+"""The child's side: bootstrap from the inherited socket, run the target, obey SHUTDOWN.
+
+Run as ``python -m nursery_procs._child FD PARENT_PID``. The life of a child:
+
+1. connect the WebSocket link over fd ``FD`` (the child is the client);
+2. read the bootstrap spec (id, name, ``sys.path``, target, log level);
+3. forward :mod:`logging` to the parent, set the process title, watch the parent;
+4. optionally sleep for a debugger, then say READY and run the target inside a
+   nursery, serving CALLs from the parent meanwhile;
+5. on SHUTDOWN, on the link closing, or when the target returns: cancel, run
+   ``finally`` blocks (which close this child's own children), report the
+   outcome, close the link with 1000, flush, and ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Awaitable
+from typing import Any, NoReturn
+
+import trio
+
+from . import _wire
+from ._context import _PARENT, _ROUTER, parent_context
+from ._errors import LinkClosed, WireError
+from ._link import CLOSE_NORMAL, Link, connect_link
+from ._process import DEBUG_SLEEP_ENV
+from ._router import Route, Router, outcome_of
+from ._spec import Bootstrap, load_main_module, resolve
+from ._stdio import ForwardingHandler
+from ._wire import Handle, Message
+
+log = logging.getLogger("nursery_procs.runtime")
+
+#: After the parent dies, how long the child's Trio side has to finish cleanly
+#: before the watchdog thread ends the process.
+ORPHAN_GRACE = 0.5
+
+
+def child_main(argv: list[str]) -> NoReturn:
+    """Entry point of a child process; never returns."""
+    code = 1
+    try:
+        fd = int(argv[1])
+        parent_pid = int(argv[2])
+        os.set_inheritable(fd, False)
+        for stream in (sys.stdout, sys.stderr):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(line_buffering=True)
+        _start_orphan_watchdog(parent_pid)
+        code = trio.run(_run, fd)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+    # Skip interpreter teardown: the work is done and it costs ~20 ms per child.
+    os._exit(code)
+
+
+def _start_orphan_watchdog(parent_pid: int) -> None:
+    """End this process if the parent dies, even if the Trio thread is stuck.
+
+    Not ``PR_SET_PDEATHSIG``: it fires when the *thread* that spawned us exits, and
+    Trio spawns from worker threads that come and go. A pidfd watches the process.
+    """
+
+    def watch() -> None:
+        try:
+            pidfd = os.pidfd_open(parent_pid)
+        except (OSError, AttributeError):
+            pidfd = None
+        if os.getppid() != parent_pid:
+            os._exit(70)
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:  # pragma: no cover - kernels before 5.3
+            while os.getppid() == parent_pid:
+                time.sleep(0.25)
+        time.sleep(ORPHAN_GRACE)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="nursery_procs orphan watchdog", daemon=True).start()
+
+
+async def _run(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    link = await connect_link(stream, resource="/nursery-procs/child")
+    try:
+        first = _wire.unpack(await link.receive())
+        if first.handle != Handle.BOOTSTRAP:
+            raise WireError(f"expected BOOTSTRAP, got handle {first.handle}")
+        boot: Bootstrap = _wire.decode(first)
+    except (LinkClosed, WireError) as exc:
+        print(f"nursery_procs child: bad bootstrap: {exc}", file=sys.stderr)
+        await link.aclose(1002, "bad bootstrap")
+        return 1
+    return await _serve(link, boot)
+
+
+def _adopt_sys_path(paths: tuple[str, ...]) -> None:
+    # The parent's path first, so targets import the same modules as there.
+    sys.path[:] = list(dict.fromkeys([*paths, *sys.path]))
+
+
+def _install_logging(boot: Bootstrap) -> ForwardingHandler:
+    handler = ForwardingHandler(trio.lowlevel.current_trio_token())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(boot.log_level)
+    logging.lastResort = None
+    return handler
+
+
+def _set_title(name: str) -> None:
+    try:
+        import setproctitle  # optional dependency: names children in ps and top
+    except ImportError:
+        return
+    setproctitle.setproctitle(f"nursery_procs: {name}")
+
+
+async def _send_logs(router: Router, parent_id: int, handler: ForwardingHandler) -> None:
+    while True:
+        await handler.wakeup.wait()
+        handler.wakeup = trio.Event()
+        await _flush_logs(router, parent_id, handler)
+
+
+async def _flush_logs(router: Router, parent_id: int, handler: ForwardingHandler) -> None:
+    while handler.queue:
+        record = handler.queue.popleft()
+        try:
+            await router.send(_wire.make(parent_id, router.id, Handle.LOG, record))
+        except (LinkClosed, WireError):
+            return
+
+
+async def _serve(link: Link, boot: Bootstrap) -> int:
+    _adopt_sys_path(boot.sys_path)
+    link.max_message_size = boot.max_message_size
+    router = Router(boot.context_id, boot.name, siblings_may_talk=boot.siblings_may_talk)
+    _ROUTER.set(router)
+    route = router.set_parent(link, boot.parent_id)
+    _PARENT.set(parent_context(router, boot.parent_id, boot.parent_name))
+    handler = _install_logging(boot)
+    _set_title(boot.name)
+    main_scope = trio.CancelScope()
+    exit_code = 0
+    outcome: tuple[bool, Any] = (True, None)
+
+    async with trio.open_nursery() as nursery:
+
+        def on_shutdown(msg: Message, from_route: Route | None) -> None:
+            if from_route is route:
+                main_scope.cancel()
+
+        def on_call(msg: Message, from_route: Route | None) -> Awaitable[None]:
+            if from_route is not route:
+                return router.send_dead(msg, "calls are only accepted from the parent")
+            return _answer_call(router, msg, nursery)
+
+        router.add_handler(Handle.SHUTDOWN, on_shutdown)
+        router.add_handler(Handle.CALL, on_call)
+
+        async def pump_parent() -> None:
+            await router.pump(route)
+            # The parent is gone or closed the link: stop everything here too.
+            main_scope.cancel()
+
+        nursery.start_soon(pump_parent)
+        nursery.start_soon(_send_logs, router, boot.parent_id, handler)
+
+        with main_scope:
+            target, args = _load_target(boot)
+            if boot.debug_sleep > 0:
+                message = (
+                    f"child {boot.name!r} pid {os.getpid()} sleeping {boot.debug_sleep} s "
+                    f"for a debugger ({DEBUG_SLEEP_ENV})"
+                )
+                print(message, file=sys.stderr, flush=True)
+                await trio.sleep(boot.debug_sleep)
+            await router.send(_wire.make(boot.parent_id, router.id, Handle.READY, os.getpid()))
+            try:
+                if target is None:
+                    await trio.sleep_forever()
+                result = target(*args)
+                if hasattr(result, "__await__"):
+                    result = await result
+                outcome = (True, result)
+            except Exception as exc:
+                logging.getLogger("nursery_procs.runtime").error(
+                    "target %r raised", getattr(target, "__qualname__", target), exc_info=True
+                )
+                outcome = (False, outcome_of(exc))
+                exit_code = 1
+        # Report and close, under a shield: a shutdown must not lose the tail.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + 2.0
+            await _flush_logs(router, boot.parent_id, handler)
+            try:
+                await router.send(_wire.make(boot.parent_id, router.id, Handle.RESULT, outcome))
+            except WireError as exc:
+                await router.send(
+                    _wire.make(boot.parent_id, router.id, Handle.RESULT, (False, outcome_of(exc)))
+                )
+            except LinkClosed:
+                pass
+            await link.aclose(CLOSE_NORMAL, "child exiting")
+        nursery.cancel_scope.cancel()
+    return exit_code
+
+
+def _load_target(boot: Bootstrap) -> tuple[Any, tuple[Any, ...]]:
+    if boot.main_module is not None:
+        load_main_module(boot.main_module)
+    target, args = pickle.loads(boot.target_blob)
+    if target is not None:
+        target = resolve(target)
+    return target, tuple(args)
+
+
+async def _answer_call(router: Router, msg: Message, nursery: trio.Nursery) -> None:
+    try:
+        fn, args, kwargs = _wire.decode(msg)
+        function = resolve(fn)
+    except Exception as exc:
+        await router.reply(msg, (False, outcome_of(exc)))
+        return
+    await router.answer_soon(msg, function, nursery, (tuple(args), dict(kwargs)))

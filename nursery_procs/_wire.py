@@ -1,0 +1,132 @@
+"""The message envelope and its codec.
+
+Every message between contexts is one binary WebSocket message holding a fixed
+20-byte header followed by the payload::
+
+    flags (u8) | 3 bytes zero | dst_id (u32) | src_id (u32) | handle (u32) | reply_to (u32)
+
+``flags`` says how the payload is encoded (:data:`RAW` bytes or a pickle) and
+whether the message is a *dead* reply. Handles below :data:`FIRST_DYNAMIC_HANDLE`
+are reserved for the runtime (see :class:`Handle`); the rest are allocated per
+process for replies.
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import struct
+from typing import Any, NamedTuple
+
+from ._errors import WireError
+
+HEADER = struct.Struct("!BxxxIIII")
+
+#: Flag: the payload is the raw bytes of the message, not a pickle.
+RAW = 0x01
+#: Flag: this message is a dead reply; its payload is the UTF-8 reason.
+DEAD = 0x02
+_KNOWN_FLAGS = RAW | DEAD
+
+#: Default largest message (header included) a link accepts.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+_MAX_U32 = 0xFFFFFFFF
+
+
+class Handle(enum.IntEnum):
+    """Reserved handles: where a message goes inside the receiving context."""
+
+    #: Shut this context down gracefully (cancel its target, close its children).
+    SHUTDOWN = 1
+    #: Run an importable function; the reply carries its outcome.
+    CALL = 2
+    #: A child's target finished; the payload carries its outcome.
+    RESULT = 3
+    #: A context behind the sender came up: ``(id, name, parent_id, pid)``.
+    ADD_ROUTE = 4
+    #: Contexts behind the sender are gone: a tuple of ids.
+    DEL_ROUTE = 5
+    #: Ask the root for a block of context ids.
+    ALLOCATE_ID = 6
+    #: A forwarded :mod:`logging` record.
+    LOG = 7
+    #: A dead notice for a message that had no ``reply_to``.
+    DEAD = 8
+    #: User messages (``Context.send`` / ``Context.receive``).
+    CHANNEL = 9
+    #: User requests (``Context.request`` / ``Context.serve_requests``).
+    REQUEST = 10
+    #: First message on a new link, parent to child: the bootstrap spec.
+    BOOTSTRAP = 11
+    #: Child to parent: the bootstrap is done and the target is starting.
+    READY = 12
+
+
+FIRST_DYNAMIC_HANDLE = 100
+
+
+class Message(NamedTuple):
+    """One routed message: Mitogen's ``(dst_id, src_id, handle, reply_to, data)``."""
+
+    dst_id: int
+    src_id: int
+    handle: int
+    reply_to: int = 0
+    data: bytes = b""
+    flags: int = 0
+
+    @property
+    def is_dead(self) -> bool:
+        return bool(self.flags & DEAD)
+
+
+def pack(msg: Message) -> bytes:
+    """Encode *msg* into one buffer ready for a link."""
+    try:
+        header = HEADER.pack(msg.flags, msg.dst_id, msg.src_id, msg.handle, msg.reply_to)
+    except struct.error as exc:
+        raise WireError(f"envelope field out of range: {exc}") from None
+    return header + msg.data
+
+
+def unpack(buf: bytes) -> Message:
+    """Decode one buffer from a link; raise :class:`WireError` if it is malformed."""
+    if len(buf) < HEADER.size:
+        raise WireError(f"message of {len(buf)} bytes is shorter than the {HEADER.size}-byte header")
+    flags, dst_id, src_id, handle, reply_to = HEADER.unpack_from(buf)
+    if flags & ~_KNOWN_FLAGS:
+        raise WireError(f"unknown flags 0x{flags:02x}")
+    return Message(dst_id, src_id, handle, reply_to, buf[HEADER.size :], flags)
+
+
+def encode(obj: object) -> tuple[int, bytes]:
+    """Encode a payload: ``bytes`` travel as they are, anything else is pickled."""
+    if type(obj) is bytes:
+        return RAW, obj
+    try:
+        return 0, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise WireError(f"cannot pickle {type(obj).__name__}: {exc}") from exc
+
+
+def decode(msg: Message) -> Any:
+    """Decode a payload encoded by :func:`encode`."""
+    if msg.flags & RAW:
+        return msg.data
+    try:
+        return pickle.loads(msg.data)
+    except Exception as exc:
+        raise WireError(f"cannot unpickle payload for handle {msg.handle}: {exc!r}") from exc
+
+
+def make(dst_id: int, src_id: int, handle: int, obj: object, reply_to: int = 0) -> Message:
+    """Build a message carrying *obj*."""
+    flags, data = encode(obj)
+    return Message(dst_id, src_id, handle, reply_to, data, flags)
+
+
+def check_id(value: int, what: str) -> int:
+    if not 0 <= value <= _MAX_U32:
+        raise WireError(f"{what} {value} does not fit in 32 bits")
+    return value
