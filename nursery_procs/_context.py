@@ -282,6 +282,20 @@ class Context:
         """
         await self._owned().stop()
 
+    async def wait_exited(self) -> int | None:
+        """Wait until the child has exited and been reaped; return its exit status.
+
+        Never raises for the child's sake (compare :meth:`wait`).
+        """
+        child = self._owned()
+        await child.exited.wait()
+        return child.returncode
+
+    @property
+    def has_exited(self) -> bool:
+        """Whether the child has exited and been reaped."""
+        return self._owned().exited.is_set()
+
     async def wait(self) -> Any:
         """Wait for the child to exit and return its target's return value.
 

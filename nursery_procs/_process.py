@@ -110,7 +110,7 @@ class Spawned:
     """A freshly started child process and the parent's end of its socketpair."""
 
     process: trio.Process
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
 
 
 def _child_env(debug_sleep: float | None) -> dict[str, str]:

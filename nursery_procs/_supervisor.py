@@ -16,7 +16,15 @@ from . import _wire
 from ._context import Context, State, current_router
 from ._errors import ChildStartError, ContextDied, HandshakeError, LinkClosed, WireError
 from ._link import Link, accept_link
-from ._process import DEBUG_SLEEP_ENV, Policy, escalate, kill_and_reap, signal_name, spawn
+from ._process import (
+    DEBUG_SLEEP_ENV,
+    Policy,
+    Spawned,
+    escalate,
+    kill_and_reap,
+    signal_name,
+    spawn,
+)
 from ._router import ContextInfo, Route, Router
 from ._spec import Bootstrap, Target, dump_target, main_module_for
 from ._stdio import child_logger, emit, new_tail, pump_lines
@@ -136,8 +144,15 @@ class _Child:
 class Supervisor:
     """Owns child processes; made by :func:`open_supervisor`."""
 
-    def __init__(self, nursery: trio.Nursery, router: Router, policy: Policy) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        router: Router,
+        policy: Policy,
+        spawner: Callable[..., Awaitable[Spawned]] = spawn,
+    ) -> None:
         self._nursery = nursery
+        self._spawn = spawner
         self._service: trio.Nursery = nursery  # replaced by the shielded one on open
         self._service_done = trio.Event()
         self._router = router
@@ -246,6 +261,12 @@ class Supervisor:
         finally:
             await ctx.aclose()
 
+    def open_pool(self, target: Target = None, *args: Any, **options: Any) -> Any:
+        """Open a pool of prespawned children of this supervisor (see :func:`open_pool`)."""
+        from ._pool import open_pool
+
+        return open_pool(self, target, *args, **options)
+
     # -- one child's life ------------------------------------------------
 
     async def _run_child(
@@ -266,7 +287,7 @@ class Supervisor:
         booted = False
         boot_failure: _BootFailed | None = None
         try:
-            spawned = await spawn(debug_sleep=child.debug_sleep or None)
+            spawned = await self._spawn(debug_sleep=child.debug_sleep or None)
             process = spawned.process
             child.pid = process.pid
             drained = _start_pipes(self._service, child, process)
@@ -485,7 +506,10 @@ async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
 
 @asynccontextmanager
 async def open_supervisor(
-    *, policy: Policy | None = None, siblings_may_talk: bool = True
+    *,
+    policy: Policy | None = None,
+    siblings_may_talk: bool = True,
+    spawner: Callable[..., Awaitable[Spawned]] | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Open a supervisor: every child started in it is shut down and reaped before
     the block exits.
@@ -494,6 +518,8 @@ async def open_supervisor(
         policy: default timing and limits for the children (see :class:`Policy`).
         siblings_may_talk: if ``False``, this process's router refuses messages
             between its children's subtrees (only up and down the tree).
+        spawner: how to start a child process (default: a fresh Python
+            interpreter). Tests pass :func:`nursery_procs.testing.fake_spawner`.
 
     **Cancellation / errors:** however the block exits (normally, by an exception,
     by cancellation or Ctrl-C), every child gets SHUTDOWN, its grace period, then
@@ -505,7 +531,7 @@ async def open_supervisor(
         router.siblings_may_talk = False
     try:
         async with trio.open_nursery() as nursery:
-            supervisor = Supervisor(nursery, router, policy or Policy())
+            supervisor = Supervisor(nursery, router, policy or Policy(), spawner or spawn)
             supervisor._service = await nursery.start(supervisor._host_services)
             try:
                 yield supervisor

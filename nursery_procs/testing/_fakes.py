@@ -1,0 +1,136 @@
+"""A fake child process for fake-clock tests of timing policy.
+
+The "child" runs as a task of the test's own Trio run and speaks the real link
+protocol over :func:`trio.testing.memory_stream_pair`, so the supervisor code
+under test is the real one; only the operating system's process is faked.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import signal
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+import trio.testing
+
+from .. import _wire
+from .._errors import LinkClosed
+from .._link import CLOSE_NORMAL, connect_link
+from .._process import Spawned
+from .._wire import Handle
+
+_pids = itertools.count(900_000)
+
+
+class FakeBehaviour(enum.Enum):
+    """How a fake child reacts to being stopped."""
+
+    #: Exits with status 0 on SHUTDOWN.
+    OBEY = "obey"
+    #: Ignores SHUTDOWN; dies on SIGTERM.
+    IGNORE_SHUTDOWN = "ignore-shutdown"
+    #: Ignores SHUTDOWN and SIGTERM; dies on SIGKILL.
+    IGNORE_SIGTERM = "ignore-sigterm"
+    #: Exits with status 1 before saying READY.
+    CRASH_ON_BOOT = "crash-on-boot"
+    #: Never says READY (and ignores everything but SIGKILL).
+    HANG_ON_BOOT = "hang-on-boot"
+
+
+@attrs.define(eq=False)
+class FakeProcess:
+    """Stands in for :class:`trio.Process`: records signals with their (fake) times."""
+
+    behaviour: FakeBehaviour
+    pid: int = attrs.field(factory=lambda: next(_pids))
+    returncode: int | None = None
+    #: ``(signal number, trio.current_time())`` for every signal sent.
+    signals: list[tuple[int, float]] = attrs.field(factory=list)
+    stdout: None = None
+    stderr: None = None
+    exited: trio.Event = attrs.field(factory=trio.Event)
+
+    async def wait(self) -> int:
+        await self.exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def exit(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+            self.exited.set()
+
+    def terminate(self) -> None:
+        self.signals.append((signal.SIGTERM, trio.current_time()))
+        if self.behaviour is not FakeBehaviour.IGNORE_SIGTERM and (
+            self.behaviour is not FakeBehaviour.HANG_ON_BOOT
+        ):
+            self.exit(-signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.signals.append((signal.SIGKILL, trio.current_time()))
+        self.exit(-signal.SIGKILL)
+
+
+Spawner = Callable[..., Awaitable[Spawned]]
+
+
+def fake_spawner(
+    nursery: trio.Nursery,
+    behaviour: FakeBehaviour = FakeBehaviour.OBEY,
+    processes: list[FakeProcess] | None = None,
+) -> Spawner:
+    """A ``spawner`` for :func:`open_supervisor` that starts fake children in *nursery*.
+
+    Every :class:`FakeProcess` made is appended to *processes* if given.
+    """
+
+    async def spawn(*, debug_sleep: float | None = None) -> Spawned:
+        ours, theirs = trio.testing.memory_stream_pair()
+        process = FakeProcess(behaviour)
+        if processes is not None:
+            processes.append(process)
+        nursery.start_soon(_run_fake_child, theirs, process)
+        return Spawned(process, ours)  # type: ignore[arg-type]
+
+    return spawn
+
+
+async def _run_fake_child(stream: trio.abc.Stream, process: FakeProcess) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def die_with_process() -> None:
+            await process.exited.wait()
+            # A dead process's socket closes: so does the fake's stream.
+            await trio.aclose_forcefully(stream)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(die_with_process)
+        try:
+            await _fake_child_protocol(stream, process)
+        except LinkClosed:
+            pass
+        if process.behaviour in (FakeBehaviour.OBEY, FakeBehaviour.CRASH_ON_BOOT):
+            process.exit(0 if process.behaviour is FakeBehaviour.OBEY else 1)
+        await process.exited.wait()
+
+
+async def _fake_child_protocol(stream: trio.abc.Stream, process: FakeProcess) -> None:
+    link = await connect_link(stream)
+    boot = _wire.decode(_wire.unpack(await link.receive()))
+    if process.behaviour is FakeBehaviour.CRASH_ON_BOOT:
+        await link.aclose()
+        return
+    if process.behaviour is FakeBehaviour.HANG_ON_BOOT:
+        await trio.sleep_forever()
+    me, parent = boot.context_id, boot.parent_id
+    await link.send(_wire.pack(_wire.make(parent, me, Handle.READY, process.pid)))
+    while True:
+        msg = _wire.unpack(await link.receive())
+        if msg.handle == Handle.SHUTDOWN and process.behaviour is FakeBehaviour.OBEY:
+            await link.send(_wire.pack(_wire.make(parent, me, Handle.RESULT, (True, None))))
+            await link.aclose(CLOSE_NORMAL, "fake child exiting")
+            return
