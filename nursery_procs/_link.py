@@ -92,6 +92,11 @@ def _header(opcode: int, length: int, masked: bool) -> bytes:
     return bytes((b0, mask_bit | 127)) + _U64.pack(length)
 
 
+def _valid_close_code(code: int) -> bool:
+    """Whether a peer may send *code* in a close frame (RFC 6455 section 7.4)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
 class _SendGate:
     """Keeps frames whole when many tasks send at once.
 
@@ -201,16 +206,28 @@ class Link:
         async with self._send_lock:
             if self.close_code is not None:
                 raise LinkClosed(self.close_code, self.close_reason)
+            written = 0
             done = False
             try:
+                sock = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
                 for chunk in chunks:
-                    await self.stream.send_all(chunk)
+                    if sock is None:
+                        await self.stream.send_all(chunk)
+                        written += len(chunk)
+                        continue
+                    # Sent by hand so that we know whether a cancelled write left
+                    # half a frame behind (then the link is lost) or nothing at all.
+                    with memoryview(chunk) as view:
+                        while view:
+                            sent = await sock.send(view)
+                            written += sent
+                            view = view[sent:]
                 done = True
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._mark_closed(CLOSE_ABNORMAL, f"stream broke while sending: {exc!r}")
                 raise LinkClosed(self.close_code or CLOSE_ABNORMAL, self.close_reason) from None
             finally:
-                if not done and self.close_code is None:
+                if not done and written and self.close_code is None:
                     # The byte stream is out of step now; nothing more can be sent.
                     self._mark_closed(CLOSE_ABNORMAL, "cancelled in the middle of a frame")
 
@@ -221,6 +238,9 @@ class Link:
         else:
             frame = _header(opcode, len(payload), False) + payload
         async with self._send_lock:
+            if self.close_code == CLOSE_ABNORMAL:
+                # The stream may hold half a frame: writing more would corrupt it.
+                raise LinkClosed(self.close_code, self.close_reason)
             await self.stream.send_all(frame)
 
     # -- receiving -------------------------------------------------------
@@ -350,6 +370,8 @@ class Link:
             raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
         if payload:
             code = _U16.unpack_from(payload)[0]
+            if not _valid_close_code(code):
+                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
             try:
                 reason = payload[2:].decode("utf-8")
             except UnicodeDecodeError:
@@ -361,7 +383,7 @@ class Link:
             echo = b"" if code == CLOSE_NO_STATUS else _U16.pack(code)
             try:
                 await self._send_control(OP_CLOSE, echo)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, LinkClosed):
                 pass
         self._mark_closed(code, reason)
         await self._close_stream()
@@ -389,7 +411,8 @@ class Link:
 
         **Cancellation:** shielded; it always closes the stream.
         """
-        encoded = reason.encode("utf-8")[:123]
+        # At most 123 bytes, cut on a character boundary so it stays valid UTF-8.
+        encoded = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
         if not self._close_sent and self.close_code is None:
             self._close_sent = True
             with trio.CancelScope(shield=True) as scope:
@@ -459,6 +482,8 @@ async def connect_link(
     if not isinstance(event, h11.InformationalResponse) or event.status_code != 101:
         status = getattr(event, "status_code", event)
         raise HandshakeError(f"server refused the WebSocket upgrade (status {status})")
+    if "websocket" not in _header_value(event.headers, b"upgrade").lower():
+        raise HandshakeError("server's 101 response does not upgrade to websocket")
     if _header_value(event.headers, b"sec-websocket-accept") != accept_token(key):
         raise HandshakeError("server answered with a wrong Sec-WebSocket-Accept")
     trailing, _ = conn.trailing_data
@@ -505,6 +530,13 @@ async def accept_link(
         )
         await stream.send_all(conn.send(response) or b"")
     except h11.RemoteProtocolError as exc:
+        with trio.move_on_after(1.0):
+            try:
+                await stream.send_all(
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
         await trio.aclose_forcefully(stream)
         raise HandshakeError(f"bad handshake request: {exc}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
