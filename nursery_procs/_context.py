@@ -128,6 +128,11 @@ class Context:
     def _died(self, detail: str = "") -> ContextDied:
         return ContextDied(self.name, self.id, self.returncode, self.stderr_tail, detail)
 
+    def _check_alive(self) -> None:
+        child = self._child
+        if child is not None and child.exited.is_set():
+            raise self._died("it has exited")
+
     # -- messages --------------------------------------------------------
 
     async def send(self, obj: object) -> None:
@@ -141,6 +146,7 @@ class Context:
         **Cancellation:** if cancelled while the message is being written, the link
         is closed (a half-written frame cannot be taken back).
         """
+        self._check_alive()
         try:
             await self._router.send(_wire.make(self.id, self._router.id, Handle.CHANNEL, obj))
         except LinkClosed as exc:
@@ -199,6 +205,7 @@ class Context:
 
         **Cancellation:** safe; a reply that comes later is dropped.
         """
+        self._check_alive()
         try:
             return await self._router.request(self.id, Handle.REQUEST, obj)
         except LinkClosed as exc:
@@ -222,6 +229,7 @@ class Context:
 
         **Cancellation:** the call is abandoned here; it goes on in the child.
         """
+        self._check_alive()
         try:
             return await self._router.request(self.id, Handle.CALL, (fn, args, kwargs))
         except LinkClosed as exc:

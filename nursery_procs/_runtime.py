@@ -137,20 +137,32 @@ def _set_title(name: str) -> None:
     setproctitle.setproctitle(f"nursery_procs: {name}")
 
 
-async def _send_logs(router: Router, parent_id: int, handler: ForwardingHandler) -> None:
-    while True:
-        await handler.wakeup.wait()
-        handler.wakeup = trio.Event()
-        await _flush_logs(router, parent_id, handler)
+async def _send_logs(
+    router: Router, parent_id: int, handler: ForwardingHandler, done: trio.Event
+) -> None:
+    """The one task that sends log records, in order; it ends after ``handler.closing``."""
+    try:
+        while True:
+            await handler.wakeup.wait()
+            handler.wakeup = trio.Event()
+            while handler.queue:
+                record = handler.queue[0]
+                try:
+                    await router.send(_wire.make(parent_id, router.id, Handle.LOG, record))
+                except (LinkClosed, WireError):
+                    handler.queue.clear()
+                    return
+                handler.queue.popleft()
+            if handler.closing:
+                return
+    finally:
+        done.set()
 
 
-async def _flush_logs(router: Router, parent_id: int, handler: ForwardingHandler) -> None:
-    while handler.queue:
-        record = handler.queue.popleft()
-        try:
-            await router.send(_wire.make(parent_id, router.id, Handle.LOG, record))
-        except (LinkClosed, WireError):
-            return
+async def _close_logs(handler: ForwardingHandler, done: trio.Event) -> None:
+    handler.closing = True
+    handler.wakeup.set()
+    await done.wait()
 
 
 async def _serve(link: Link, boot: Bootstrap) -> int:
@@ -186,7 +198,8 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
             main_scope.cancel()
 
         nursery.start_soon(pump_parent)
-        nursery.start_soon(_send_logs, router, boot.parent_id, handler)
+        logs_done = trio.Event()
+        nursery.start_soon(_send_logs, router, boot.parent_id, handler, logs_done)
 
         with main_scope:
             target, args = _load_target(boot)
@@ -214,7 +227,7 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
         # Report and close, under a shield: a shutdown must not lose the tail.
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + 2.0
-            await _flush_logs(router, boot.parent_id, handler)
+            await _close_logs(handler, logs_done)
             try:
                 await router.send(_wire.make(boot.parent_id, router.id, Handle.RESULT, outcome))
             except WireError as exc:

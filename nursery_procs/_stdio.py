@@ -118,6 +118,8 @@ class ForwardingHandler(logging.Handler):
         super().__init__()
         self.queue: collections.deque[tuple[str, int, str, float, str | None]] = collections.deque()
         self.wakeup = trio.Event()
+        #: Set when the child is exiting: the sender drains the queue and stops.
+        self.closing = False
         self._token = token
         self._trio_thread = threading.get_ident()
 

@@ -344,7 +344,7 @@ class Supervisor:
     async def _boot(
         self,
         child: _Child,
-        spawned: Any,
+        spawned: Spawned,
         blob: bytes,
         link_done: trio.Event,
     ) -> Route:
@@ -377,9 +377,14 @@ class Supervisor:
                 self._service.start_soon(_pump_then_set, router, route, link_done, child.pump_scope())
                 await _first_of(child.ready.wait, link_done.wait, child.stop_requested.wait)
         except trio.TooSlowError:
+            await self._drop_unlinked_stream(child, spawned)
             raise _BootFailed(f"not ready within {policy.ready_timeout + child.debug_sleep} s") from None
         except (HandshakeError, LinkClosed) as exc:
+            await self._drop_unlinked_stream(child, spawned)
             raise _BootFailed(f"it broke its link while starting: {exc}") from exc
+        except BaseException:
+            await self._drop_unlinked_stream(child, spawned)
+            raise
         if child.stop_requested.is_set() and not child.ready.is_set():
             raise _BootFailed("it was stopped while starting")
         if not child.ready.is_set():
@@ -388,6 +393,12 @@ class Supervisor:
                 f"it exited while starting (link closed with code {child.link.close_code})"
             )
         return route
+
+    @staticmethod
+    async def _drop_unlinked_stream(child: _Child, spawned: Spawned) -> None:
+        # Before the handshake completes, the link does not own the stream yet.
+        if child.link is None:
+            await trio.aclose_forcefully(spawned.stream)
 
     def _note_link_close(self, child: _Child) -> None:
         link = child.link

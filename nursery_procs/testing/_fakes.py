@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from .. import _wire
-from .._errors import LinkClosed
+from .._errors import HandshakeError, LinkClosed
 from .._link import CLOSE_NORMAL, connect_link
 from .._process import Spawned
 from .._wire import Handle
@@ -111,7 +111,7 @@ async def _run_fake_child(stream: trio.abc.Stream, process: FakeProcess) -> None
         nursery.start_soon(die_with_process)
         try:
             await _fake_child_protocol(stream, process)
-        except LinkClosed:
+        except (LinkClosed, HandshakeError):
             pass
         if process.behaviour in (FakeBehaviour.OBEY, FakeBehaviour.CRASH_ON_BOOT):
             process.exit(0 if process.behaviour is FakeBehaviour.OBEY else 1)
