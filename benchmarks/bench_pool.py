@@ -1,0 +1,122 @@
+"""Pool benchmarks, each against cold starts measured in the same run.
+
+Run: ``python benchmarks/bench_pool.py`` (``--quick`` for a short run,
+``--json FILE`` to save the figures).
+
+* ``take``: the latency of ``pool.take()`` with a spare child ready, against
+  ``supervisor.start_child()`` (a cold start), alternately in one process.
+  Targets: median take <= 1 ms and <= 1/50 of the cold start.
+* ``burst``: 50 concurrent ``take()`` calls, each holding its child until all
+  50 have one, on a pool with ``spare=4, max=50``; against 50 concurrent cold
+  starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import nursery_procs
+
+
+async def take_latency(rounds: int) -> dict[str, float]:
+    """Median take (spare ready) and cold start, measured alternately."""
+    takes: list[float] = []
+    colds: list[float] = []
+    async with (
+        nursery_procs.open_supervisor() as sup,
+        sup.open_pool(None, name="bench", spare=2, max=8) as pool,
+    ):
+        with trio.fail_after(120):
+            await pool.wait_idle()
+        for _ in range(rounds):
+            t = time.perf_counter()
+            ctx = await sup.start_child(None, name="cold")
+            colds.append(time.perf_counter() - t)
+            await ctx.aclose()
+            with trio.fail_after(120):
+                await pool.wait_idle()  # a spare is ready: measure only the hand-over
+            t = time.perf_counter()
+            async with pool.take():
+                takes.append(time.perf_counter() - t)
+    take_median = statistics.median(takes)
+    cold_median = statistics.median(colds)
+    return {
+        "rounds": rounds,
+        "take_median_ms": take_median * 1e3,
+        "take_max_ms": max(takes) * 1e3,
+        "cold_start_median_ms": cold_median * 1e3,
+        "ratio": take_median / cold_median,
+        "pool_reported_median_ms": pool.statistics().take_latency_median * 1e3,
+    }
+
+
+async def _hold_all(count: int, enter: Any) -> float:
+    """Enter *count* blocks concurrently; each holds until all have entered."""
+    entered = 0
+    all_in = trio.Event()
+
+    async def one() -> None:
+        nonlocal entered
+        async with enter() as ctx:
+            assert ctx.state is nursery_procs.State.READY
+            entered += 1
+            if entered == count:
+                all_in.set()
+            await all_in.wait()
+
+    t = time.perf_counter()
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(one)
+            await all_in.wait()
+            elapsed = time.perf_counter() - t
+    return elapsed
+
+
+async def burst(count: int, rounds: int) -> dict[str, float]:
+    """Serve *count* concurrent takes from a pool (spare=4), against cold starts."""
+    pooled: list[float] = []
+    cold: list[float] = []
+    async with nursery_procs.open_supervisor() as sup:
+        for _ in range(rounds):
+            cold.append(await _hold_all(count, lambda: sup.open_child(None, name="cold")))
+            async with sup.open_pool(None, name="burst", spare=4, max=count) as pool:
+                with trio.fail_after(120):
+                    await pool.wait_idle()
+                pooled.append(await _hold_all(count, pool.take))
+    pooled_median = statistics.median(pooled)
+    cold_median = statistics.median(cold)
+    return {
+        "children": count,
+        "rounds": rounds,
+        "pool_ms": pooled_median * 1e3,
+        "cold_ms": cold_median * 1e3,
+        "ratio": pooled_median / cold_median,
+    }
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    results["take_with_spare_ready"] = await take_latency(rounds=10 if quick else 40)
+    print("take() with a spare ready:", results["take_with_spare_ready"], flush=True)
+    results["burst_50"] = await burst(50, rounds=1 if quick else 3)
+    print("burst of 50 takes (spare=4, max=50):", results["burst_50"], flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    options = parser.parse_args()
+    figures = trio.run(main, options.quick)
+    if options.json:
+        options.json.write_text(json.dumps(figures, indent=2))
