@@ -1,0 +1,1 @@
+"""A collaborative text editing server: one child process per document."""
