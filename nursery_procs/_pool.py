@@ -788,7 +788,7 @@ async def open_pool(
     supervisor: Supervisor,
     target: Target = None,
     *args: Any,
-    name: str = "pool",
+    name: str | None = None,
     spare: int = 2,
     max: int = 32,
     idle_timeout: float | None = None,
@@ -804,7 +804,8 @@ async def open_pool(
         target: as for :meth:`Supervisor.start_child` (``None``: a child that
             only serves :meth:`Context.call`).
         *args: picklable arguments for the target.
-        name: the pool's name; children are named ``<name>-1``, ``<name>-2``, ...
+        name: the pool's name, unique in its supervisor (default ``pool``,
+            ``pool-2``, ...); children are named ``<name>-1``, ``<name>-2``, ...
         spare: idle children kept ready.
         max: most children in all: idle, handed out, starting and shutting down.
         idle_timeout: seconds an idle child above ``spare`` is kept before it is
@@ -847,6 +848,12 @@ async def open_pool(
         backoff_max=backoff_max,
     )
     dump_target(target, args)  # fail now, not in every start
+    if name is None:
+        name = "pool"
+        serial = 1
+        while name in supervisor.pools:
+            serial += 1
+            name = f"pool-{serial}"
     pool = Pool(
         supervisor,
         target,
@@ -860,6 +867,9 @@ async def open_pool(
         backoff_max=backoff_max,
         policy=policy,
     )
+    if name in supervisor.pools:
+        raise ValueError(f"name: this supervisor already has a pool named {name!r}")
+    supervisor.pools[name] = pool
     try:
         async with trio.open_nursery() as nursery:
             pool._nursery = nursery
@@ -870,6 +880,7 @@ async def open_pool(
                 with trio.CancelScope(shield=True):
                     await pool._shutdown()
                 nursery.cancel_scope.cancel()
+                supervisor.pools.pop(name, None)
     except BaseExceptionGroup as group:
         only = _sole_exception(group)
         if only is None:

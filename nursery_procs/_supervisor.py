@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -29,6 +29,9 @@ from ._router import ContextInfo, Route, Router
 from ._spec import Bootstrap, Target, dump_target, main_module_for
 from ._stdio import child_logger, emit, new_tail, pump_lines
 from ._wire import Handle, Message
+
+if TYPE_CHECKING:
+    from ._pool import Pool
 
 log = logging.getLogger("nursery_procs.supervisor")
 
@@ -158,6 +161,9 @@ class Supervisor:
         self._router = router
         self.policy = policy
         self._children: dict[int, _Child] = {}
+        #: Open pools by name (see :meth:`open_pool`).
+        self.pools: dict[str, Pool] = {}
+        self.started_at = trio.current_time()
         self._closed = False
         self._started_total = 0
         self._failed_starts = 0
