@@ -6,6 +6,7 @@ SIGKILL, and reaped.
 """
 
 from ._context import Context as Context
+from ._context import ContextStatistics as ContextStatistics
 from ._context import State as State
 from ._context import current_router as current_router
 from ._context import in_child as in_child

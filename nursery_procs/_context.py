@@ -68,6 +68,22 @@ def in_child() -> bool:
     return True
 
 
+@attrs.frozen
+class ContextStatistics:
+    """Traffic on the link to a direct child (zeros for other contexts)."""
+
+    #: Messages received from the child.
+    messages_in: int
+    #: Messages sent to the child.
+    messages_out: int
+    #: Payload bytes received from the child.
+    bytes_in: int
+    #: Payload bytes sent to the child.
+    bytes_out: int
+    #: Seconds (of ``trio.current_time()``) since the child was started, or 0.0.
+    uptime: float
+
+
 @attrs.define(eq=False, repr=False)
 class Context:
     """A handle on another context: a child you started, your parent, or any context
@@ -124,6 +140,21 @@ class Context:
     def stderr_tail(self) -> tuple[str, ...]:
         """The last lines the child wrote to stderr (children you started only)."""
         return tuple(self._child.stderr_tail) if self._child is not None else ()
+
+    def statistics(self) -> ContextStatistics:
+        """Traffic and uptime, for children this process started."""
+        child = self._child
+        link = child.link if child is not None else None
+        if child is None or link is None:
+            return ContextStatistics(0, 0, 0, 0, 0.0)
+        end = child.exited_at if child.exited_at is not None else trio.current_time()
+        return ContextStatistics(
+            messages_in=link.messages_received,
+            messages_out=link.messages_sent,
+            bytes_in=link.bytes_received,
+            bytes_out=link.bytes_sent,
+            uptime=end - child.started_at,
+        )
 
     def _died(self, detail: str = "") -> ContextDied:
         return ContextDied(self.name, self.id, self.returncode, self.stderr_tail, detail)

@@ -77,6 +77,7 @@ class _Child:
     shutdown_sent: bool = False
     link: Link | None = None
     started_at: float = 0.0
+    exited_at: float | None = None
     #: The scopes of the tasks reading this child's pipes and link.
     pump_scopes: list[trio.CancelScope] = attrs.field(factory=list)
     pumps_cancelled: bool = False
@@ -423,6 +424,7 @@ class Supervisor:
         ctx = child.ctx
         was_ready = child.ready.is_set()
         child.state = State.EXITED
+        child.exited_at = trio.current_time()
         if child.returncode != 0 or (child.outcome is None and not child.shutdown_sent):
             child.crashed = True
         if route is not None:
