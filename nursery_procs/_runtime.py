@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import select
 import signal
 import socket
@@ -242,9 +241,10 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
 
 
 def _load_target(boot: Bootstrap) -> tuple[Any, tuple[Any, ...]]:
-    if boot.main_module is not None:
-        load_main_module(boot.main_module)
-    target, args = pickle.loads(boot.target_blob)
+    main_module = boot.main_module
+    if main_module is not None:
+        _wire.set_main_loader(lambda: load_main_module(main_module))
+    target, args = _wire.loads(boot.target_blob)
     if target is not None:
         target = resolve(target)
     return target, tuple(args)

@@ -45,27 +45,27 @@ def dump_target(target: Target, args: tuple[Any, ...]) -> bytes:
         ) from exc
 
 
-def main_module_for(blob: bytes) -> tuple[str, str] | None:
-    """How a child can load the parent's ``__main__`` if *blob* refers to it.
+def main_module_spec() -> tuple[str, str] | None:
+    """How a child can load the parent's ``__main__``, if it is a script or ``-m`` module.
 
     Functions defined in a script pickle as ``__main__.name``; as with
-    :mod:`multiprocessing`'s spawn method, the child then loads the parent's
-    script (its ``if __name__ == "__main__":`` block does not run).
+    :mod:`multiprocessing`'s spawn method, a child that meets one loads the
+    parent's script (its ``if __name__ == "__main__":`` block does not run).
     """
-    if b"__main__" not in blob:
-        return None
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name not in ("__main__", ""):
         return ("module", spec.name.removesuffix(".__main__"))
     path = getattr(main, "__file__", None)
-    if path:
+    if path and str(path).endswith(".py"):
         return ("path", str(path))
     return None
 
 
 def load_main_module(how: tuple[str, str]) -> None:
-    """In the child: make the parent's ``__main__`` importable as ``__main__``."""
+    """In the child: make the parent's ``__main__`` importable as ``__main__`` (once)."""
+    if "__mp_main__" in sys.modules:
+        return
     kind, where = how
     if kind == "module":
         namespace = runpy.run_module(where, run_name="__mp_main__", alter_sys=False)

@@ -26,7 +26,7 @@ from ._process import (
     spawn,
 )
 from ._router import ContextInfo, Route, Router
-from ._spec import Bootstrap, Target, dump_target, main_module_for
+from ._spec import Bootstrap, Target, dump_target, main_module_spec
 from ._stdio import child_logger, emit, new_tail, pump_lines
 from ._wire import Handle, Message
 
@@ -378,7 +378,7 @@ class Supervisor:
                     debug_sleep=child.debug_sleep,
                     max_message_size=policy.max_message_size,
                     siblings_may_talk=router.siblings_may_talk,
-                    main_module=main_module_for(blob),
+                    main_module=main_module_spec(),
                 )
                 await link.send(_wire.pack(_wire.make(ctx.id, router.id, Handle.BOOTSTRAP, boot)))
                 self._service.start_soon(_pump_then_set, router, route, link_done, child.pump_scope())

@@ -14,8 +14,10 @@ process for replies.
 from __future__ import annotations
 
 import enum
+import io
 import pickle
 import struct
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._errors import WireError
@@ -110,12 +112,36 @@ def encode(obj: object) -> tuple[int, bytes]:
         raise WireError(f"cannot pickle {type(obj).__name__}: {exc}") from exc
 
 
+_main_loader: Callable[[], None] | None = None
+
+
+def set_main_loader(loader: Callable[[], None] | None) -> None:
+    """In a child: how to load the parent's ``__main__`` when a payload needs it."""
+    global _main_loader
+    _main_loader = loader
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        loader = _main_loader
+        if module == "__main__" and loader is not None:
+            loader()
+        return super().find_class(module, name)
+
+
+def loads(data: bytes) -> Any:
+    """Unpickle *data*, loading the parent's ``__main__`` first if it refers to it."""
+    if _main_loader is None:
+        return pickle.loads(data)
+    return _Unpickler(io.BytesIO(data)).load()
+
+
 def decode(msg: Message) -> Any:
     """Decode a payload encoded by :func:`encode`."""
     if msg.flags & RAW:
         return msg.data
     try:
-        return pickle.loads(msg.data)
+        return loads(msg.data)
     except Exception as exc:
         raise WireError(f"cannot unpickle payload for handle {msg.handle}: {exc!r}") from exc
 
