@@ -25,7 +25,7 @@ import nursery_procs
 from nursery_procs import Policy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _raw_echo import Framed  # noqa: E402
+from _raw_echo import Framed
 
 HERE = Path(__file__).parent
 

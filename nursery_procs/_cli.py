@@ -274,9 +274,7 @@ def _idle_timeout(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected seconds or 'none', not {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected seconds or 'none', not {text!r}") from None
     if value == float("inf"):
         return None
     return value
@@ -316,9 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     stop.add_argument("name", help="the context's name")
     commands.add_parser("pools", parents=[common], help="the pools and their statistics")
-    resize = commands.add_parser(
-        "resize", parents=[common], help="change a pool's settings, live"
-    )
+    resize = commands.add_parser("resize", parents=[common], help="change a pool's settings, live")
     resize.add_argument("name", help="the pool's name")
     resize.add_argument("--spare", type=int, metavar="N", help="idle children kept ready")
     resize.add_argument("--max", type=int, metavar="M", help="most children in all")

@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from . import _wire
-from ._errors import ContextDied, LinkClosed, WireError
+from ._errors import ContextDied, LinkClosed
 from ._router import ROOT_ID, Router
 from ._wire import Handle
 

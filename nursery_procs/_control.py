@@ -112,7 +112,9 @@ def _temporary_directory(path: str) -> str:
 
 
 async def _probe(path: str) -> bool:
-    """Whether *path* is free to take: absent, or a stale socket (connection refused).
+    """Check that *path* is free to take; return whether a stale socket is there.
+
+    Free means absent, or a socket nobody listens on (connection refused).
 
     Raises:
         ControlSocketBusy: something accepts connections on it, or it cannot be
@@ -122,18 +124,18 @@ async def _probe(path: str) -> bool:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return True
+        return False
     if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(
-            errno.EEXIST, "exists and is not a socket; not replacing it", path
-        )
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", path)
     probe = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     with probe:
         try:
             with trio.fail_after(PROBE_TIMEOUT):
                 await probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return True  # stale (nobody listens) or gone meanwhile
+        except ConnectionRefusedError:
+            return True  # stale: nobody listens
+        except FileNotFoundError:
+            return False  # gone meanwhile
         except trio.TooSlowError:
             raise ControlSocketBusy(path, "a server holds it but did not accept in time") from None
         except OSError as exc:
@@ -154,7 +156,8 @@ async def _bind_atomically(path: str, backlog: int) -> tuple[trio.socket.SocketT
         os.chmod(temp, 0o600)
         sock.listen(backlog)
         identity = _Identity.of(temp)
-        await _probe(path)
+        if await _probe(path):
+            log.info("replacing the stale control socket at %r", path)
         os.rename(temp, path)  # atomic; replaces a stale socket file
     except BaseException:
         sock.close()
@@ -790,7 +793,13 @@ async def serve_control(
     listener = trio.SocketListener(sock)
     log.info("control socket listening at %r", text)
 
+    stopped = False
+
     async def stop_listening() -> None:
+        nonlocal stopped
+        if stopped:
+            return
+        stopped = True
         # Unlink first: while the file exists, the socket behind it must accept.
         _remove_if_ours(text, identity)
         with trio.CancelScope(shield=True):
@@ -861,9 +870,7 @@ async def open_control(
 
     try:
         async with trio.open_nursery() as nursery:
-            bound: str = await nursery.start(
-                partial(serve_control, supervisor, path, **options)
-            )
+            bound: str = await nursery.start(partial(serve_control, supervisor, path, **options))
             try:
                 yield bound
             finally:

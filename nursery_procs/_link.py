@@ -17,7 +17,7 @@ import base64
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import h11
@@ -53,6 +53,10 @@ _SMALL_MASK: Final = 2048
 _apply_mask_c: Callable[[bytes, bytes], bytes] | None = None
 
 
+def _mask_fallback(data: bytes, key: bytes) -> bytes:  # pragma: no cover - no C extension
+    return _mask_small(data, key)
+
+
 def _mask_small(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
     n = len(data)
     if n == 0:
@@ -70,10 +74,11 @@ def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
         # websockets ships a C implementation: 100x faster than Python integers on
         # 1 MiB. Imported lazily so that a child's start-up does not pay for it.
         try:
-            from websockets.speedups import apply_mask as c_apply_mask
+            from websockets import speedups
+
+            _apply_mask_c = speedups.apply_mask
         except ImportError:  # pragma: no cover - wheels ship the extension
-            c_apply_mask = _mask_small
-        _apply_mask_c = c_apply_mask
+            _apply_mask_c = _mask_fallback
     return _apply_mask_c(bytes(data), key)
 
 
@@ -262,7 +267,7 @@ class Link:
         try:
             while True:
                 opcode, fin, payload = await self._read_frame()
-                if opcode == OP_BINARY or opcode == OP_CONTINUATION:
+                if opcode in (OP_BINARY, OP_CONTINUATION):
                     if opcode == OP_BINARY and self._fragments:
                         raise _ProtocolViolation(
                             CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one"
@@ -375,7 +380,9 @@ class Link:
             try:
                 reason = payload[2:].decode("utf-8")
             except UnicodeDecodeError:
-                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close reason is not UTF-8") from None
+                raise _ProtocolViolation(
+                    CLOSE_PROTOCOL_ERROR, "close reason is not UTF-8"
+                ) from None
         else:
             code, reason = CLOSE_NO_STATUS, ""
         if not self._close_sent:
@@ -427,11 +434,13 @@ class Link:
         await self._close_stream()
 
 
-async def _read_h11_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Event | type[h11.PAUSED]:
+async def _read_h11_event(
+    conn: h11.Connection, stream: trio.abc.Stream
+) -> h11.Event | type[h11.PAUSED]:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(_READ_SIZE)
+            data = bytes(await stream.receive_some(_READ_SIZE))
             conn.receive_data(data)
             if not data and conn.their_state is not h11.SWITCHED_PROTOCOL:
                 raise HandshakeError("the stream ended during the WebSocket handshake")
@@ -439,7 +448,7 @@ async def _read_h11_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.
         return event  # type: ignore[return-value]
 
 
-def _header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+def _header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str:
     for key, value in headers:
         if key == name:
             return value.decode("latin-1")

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,7 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 _SOCKET_BUFFER = 1 << 20
 
 
-def _nonnegative(name: str) -> object:
+def _nonnegative(name: str) -> Callable[[object, attrs.Attribute[float], float], None]:
     def check(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
         if value < 0:
             raise ValueError(f"{name} must be >= 0, not {value!r}")
@@ -102,7 +103,8 @@ async def kill_and_reap(process: ProcessLike) -> int:
                 process.kill()
             except ProcessLookupError:  # pragma: no cover - already gone
                 pass
-        return await process.wait()
+        returncode = await process.wait()
+    return returncode
 
 
 @attrs.define(eq=False)

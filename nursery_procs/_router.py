@@ -98,7 +98,11 @@ def outcome_of(exc: BaseException) -> RemoteError:
     if isinstance(exc, RemoteError):
         return exc
     kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
     return RemoteError(name, str(exc), "".join(traceback.format_exception(exc)))
 
 
@@ -122,7 +126,10 @@ class Router:
         self._request_servers: dict[int, tuple[Callable[[Any], Any], trio.Nursery]] = {}
         self._pending: dict[int, _Pending] = {}
         self._next_handle = _wire.FIRST_DYNAMIC_HANDLE
-        self._inboxes: dict[tuple[int, int], tuple[trio.MemorySendChannel[Message], trio.MemoryReceiveChannel[Message]]] = {}
+        self._inboxes: dict[
+            tuple[int, int],
+            tuple[trio.MemorySendChannel[Message], trio.MemoryReceiveChannel[Message]],
+        ] = {}
         self._next_id = 1
         self._id_block: list[int] = []
         self._id_lock = trio.Lock()
@@ -214,7 +221,9 @@ class Router:
         self._next_handle += 1
         return handle
 
-    def inbox(self, src_id: int, handle: int = Handle.CHANNEL) -> trio.MemoryReceiveChannel[Message]:
+    def inbox(
+        self, src_id: int, handle: int = Handle.CHANNEL
+    ) -> trio.MemoryReceiveChannel[Message]:
         """The queue of messages from *src_id* for a user handle (CHANNEL or REQUEST).
 
         It is unbounded on purpose: a reader that stopped reading must never stop
@@ -432,9 +441,11 @@ class Router:
         if ok:
             pending.settle(result=value)
         else:
-            pending.settle(error=value if isinstance(value, BaseException) else RemoteError(
-                "unknown", repr(value), ""
-            ))
+            pending.settle(
+                error=value
+                if isinstance(value, BaseException)
+                else RemoteError("unknown", repr(value), "")
+            )
 
     async def reply(self, msg: Message, outcome: tuple[bool, object]) -> None:
         """Answer *msg* (which carried a ``reply_to``); swallow a vanished requester."""
@@ -551,9 +562,17 @@ class Router:
         if msg.is_dead:
             log.info("%r: a dead reply was itself undeliverable: %s", self, reason)
             return
-        log.info("%r: undeliverable message (handle %d from %d): %s", self, msg.handle, msg.src_id, reason)
+        log.info(
+            "%r: undeliverable message (handle %d from %d): %s",
+            self,
+            msg.handle,
+            msg.src_id,
+            reason,
+        )
         handle = msg.reply_to or Handle.DEAD
-        dead = Message(msg.src_id, self.id, handle, 0, reason.encode("utf-8"), _wire.DEAD | _wire.RAW)
+        dead = Message(
+            msg.src_id, self.id, handle, 0, reason.encode("utf-8"), _wire.DEAD | _wire.RAW
+        )
         self.dead_replies_sent += 1
         try:
             await self.send(dead)
@@ -566,4 +585,3 @@ class Router:
             self,
             msg.data.decode("utf-8", "replace"),
         )
-

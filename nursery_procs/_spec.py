@@ -35,7 +35,9 @@ def resolve(target: Callable[..., Any] | str) -> Callable[..., Any]:
 def dump_target(target: Target, args: tuple[Any, ...]) -> bytes:
     """Pickle the target and its arguments now, so that errors show in the parent."""
     if target is not None and not callable(target) and not isinstance(target, str):
-        raise TypeError(f"target must be a function, a 'module:function' string or None, not {target!r}")
+        raise TypeError(
+            f"target must be a function, a 'module:function' string or None, not {target!r}"
+        )
     try:
         return pickle.dumps((target, args), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:

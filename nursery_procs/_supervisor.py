@@ -260,7 +260,9 @@ class Supervisor:
         return result
 
     @asynccontextmanager
-    async def open_child(self, target: Target = None, *args: Any, **options: Any) -> AsyncIterator[Context]:
+    async def open_child(
+        self, target: Target = None, *args: Any, **options: Any
+    ) -> AsyncIterator[Context]:
         """Start a child bound to a block: leaving the block shuts it down gracefully."""
         ctx = await self.start_child(target, *args, **options)
         try:
@@ -381,11 +383,15 @@ class Supervisor:
                     main_module=main_module_spec(),
                 )
                 await link.send(_wire.pack(_wire.make(ctx.id, router.id, Handle.BOOTSTRAP, boot)))
-                self._service.start_soon(_pump_then_set, router, route, link_done, child.pump_scope())
+                self._service.start_soon(
+                    _pump_then_set, router, route, link_done, child.pump_scope()
+                )
                 await _first_of(child.ready.wait, link_done.wait, child.stop_requested.wait)
         except trio.TooSlowError:
             await self._drop_unlinked_stream(child, spawned)
-            raise _BootFailed(f"not ready within {policy.ready_timeout + child.debug_sleep} s") from None
+            raise _BootFailed(
+                f"not ready within {policy.ready_timeout + child.debug_sleep} s"
+            ) from None
         except (HandshakeError, LinkClosed) as exc:
             await self._drop_unlinked_stream(child, spawned)
             raise _BootFailed(f"it broke its link while starting: {exc}") from exc
@@ -441,13 +447,16 @@ class Supervisor:
                 self._crashed_total += 1
                 if not child.shutdown_sent or child.returncode not in (0, None):
                     child.logger.warning(
-                        "child exited: %s", signal_name(child.returncode),
+                        "child exited: %s",
+                        signal_name(child.returncode),
                         extra={"child_name": child.name, "child_pid": child.pid},
                     )
         outcome = child.outcome
         if outcome is not None and not outcome[0]:
             child.logger.error(
-                "target raised %s", outcome[1], extra={"child_name": child.name, "child_pid": child.pid}
+                "target raised %s",
+                outcome[1],
+                extra={"child_name": child.name, "child_pid": child.pid},
             )
         child.exited.set()
 
@@ -481,8 +490,13 @@ def _start_pipes(service: trio.Nursery, child: _Child, process: trio.Process) ->
         try:
             with child.pump_scope():
                 await pump_lines(
-                    pipe, logger=child.logger, level=level, name=child.name, pid=child.pid,
-                    stream=stream, tail=tail,
+                    pipe,
+                    logger=child.logger,
+                    level=level,
+                    name=child.name,
+                    pid=child.pid,
+                    stream=stream,
+                    tail=tail,
                 )
         finally:
             remaining[0] -= 1

@@ -95,7 +95,9 @@ def pack(msg: Message) -> bytes:
 def unpack(buf: bytes) -> Message:
     """Decode one buffer from a link; raise :class:`WireError` if it is malformed."""
     if len(buf) < HEADER.size:
-        raise WireError(f"message of {len(buf)} bytes is shorter than the {HEADER.size}-byte header")
+        raise WireError(
+            f"message of {len(buf)} bytes is shorter than the {HEADER.size}-byte header"
+        )
     flags, dst_id, src_id, handle, reply_to = HEADER.unpack_from(buf)
     if flags & ~_KNOWN_FLAGS:
         raise WireError(f"unknown flags 0x{flags:02x}")

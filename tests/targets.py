@@ -6,9 +6,11 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 import nursery_procs
 
@@ -22,7 +24,7 @@ def add(a: int, b: int) -> int:
 
 
 async def async_add(a: int, b: int) -> int:
-    await trio.sleep(0)
+    await trio.lowlevel.checkpoint()
     return a + b
 
 
@@ -87,8 +89,8 @@ async def record_cleanup(path: str) -> None:
     try:
         await trio.sleep_forever()
     finally:
-        with open(path, "w") as f:
-            f.write(f"clean {os.getpid()}\n")
+        # Blocking on purpose: this runs while the child is being cancelled.
+        Path(path).write_text(f"clean {os.getpid()}\n")  # noqa: ASYNC240
 
 
 def block_forever() -> None:

@@ -16,8 +16,6 @@ from nursery_procs.testing import FakeBehaviour, FakeProcess, fake_spawner
 POLICY = Policy(grace_period=5.0, kill_after=3.0, ready_timeout=10.0)
 
 
-
-
 @pytest.mark.parametrize(
     ("behaviour", "returncode", "signals", "elapsed"),
     [
@@ -39,53 +37,59 @@ async def test_aclose_escalates_on_schedule(
     elapsed: float,
 ) -> None:
     processes: list[FakeProcess] = []
-    async with trio.open_nursery() as fakes:
-        async with nursery_procs.open_supervisor(
+    async with (
+        trio.open_nursery() as fakes,
+        nursery_procs.open_supervisor(
             policy=POLICY, spawner=fake_spawner(fakes, behaviour, processes)
-        ) as sup:
-            ctx = await sup.start_child(None, name="fake")
-            assert ctx.state is State.READY
-            start = trio.current_time()
-            await ctx.aclose()
-            assert trio.current_time() - start == elapsed
-            assert ctx.state is State.EXITED
-            assert ctx.returncode == returncode
-            assert [(sig, t - start) for sig, t in processes[0].signals] == signals
-            await ctx.aclose()  # idempotent: nothing more happens
-            assert len(processes[0].signals) == len(signals)
+        ) as sup,
+    ):
+        ctx = await sup.start_child(None, name="fake")
+        assert ctx.state is State.READY
+        start = trio.current_time()
+        await ctx.aclose()
+        assert trio.current_time() - start == elapsed
+        assert ctx.state is State.EXITED
+        assert ctx.returncode == returncode
+        assert [(sig, t - start) for sig, t in processes[0].signals] == signals
+        await ctx.aclose()  # idempotent: nothing more happens
+        assert len(processes[0].signals) == len(signals)
 
 
 async def test_aclose_completes_when_the_caller_is_cancelled(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     processes: list[FakeProcess] = []
-    async with trio.open_nursery() as fakes:
-        async with nursery_procs.open_supervisor(
+    async with (
+        trio.open_nursery() as fakes,
+        nursery_procs.open_supervisor(
             policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.IGNORE_SIGTERM, processes)
-        ) as sup:
-            ctx = await sup.start_child(None)
-            start = trio.current_time()
-            with trio.move_on_after(1.0) as scope:
-                await ctx.aclose()
-            # Cancelled after 1 s, aclose still took the whole escalation, shielded.
-            assert not scope.cancelled_caught
-            assert trio.current_time() - start == 8.0
-            assert ctx.returncode == -signal.SIGKILL
+        ) as sup,
+    ):
+        ctx = await sup.start_child(None)
+        start = trio.current_time()
+        with trio.move_on_after(1.0) as scope:
+            await ctx.aclose()
+        # Cancelled after 1 s, aclose still took the whole escalation, shielded.
+        assert not scope.cancelled_caught
+        assert trio.current_time() - start == 8.0
+        assert ctx.returncode == -signal.SIGKILL
 
 
 async def test_concurrent_aclose_calls_share_one_escalation(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     processes: list[FakeProcess] = []
-    async with trio.open_nursery() as fakes:
-        async with nursery_procs.open_supervisor(
+    async with (
+        trio.open_nursery() as fakes,
+        nursery_procs.open_supervisor(
             policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.IGNORE_SHUTDOWN, processes)
-        ) as sup:
-            ctx = await sup.start_child(None)
-            async with trio.open_nursery() as closers:
-                for _ in range(3):
-                    closers.start_soon(ctx.aclose)
-            assert [sig for sig, _ in processes[0].signals] == [signal.SIGTERM]
+        ) as sup,
+    ):
+        ctx = await sup.start_child(None)
+        async with trio.open_nursery() as closers:
+            for _ in range(3):
+                closers.start_soon(ctx.aclose)
+        assert [sig for sig, _ in processes[0].signals] == [signal.SIGTERM]
 
 
 async def test_leaving_the_supervisor_escalates_every_child_concurrently(
@@ -123,30 +127,34 @@ async def test_cancelling_the_supervisor_scope_still_shuts_children_down_gracefu
 
 async def test_ready_timeout_kills_a_hung_child(autojump_clock: trio.testing.MockClock) -> None:
     processes: list[FakeProcess] = []
-    async with trio.open_nursery() as fakes:
-        async with nursery_procs.open_supervisor(
+    async with (
+        trio.open_nursery() as fakes,
+        nursery_procs.open_supervisor(
             policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.HANG_ON_BOOT, processes)
-        ) as sup:
-            start = trio.current_time()
-            with pytest.raises(ChildStartError, match="not ready within 10.0 s") as info:
-                await sup.start_child(None, name="hung")
-            assert trio.current_time() - start == 10.0
-            assert info.value.returncode == -signal.SIGKILL
-            assert sup.statistics().failed_starts == 1
+        ) as sup,
+    ):
+        start = trio.current_time()
+        with pytest.raises(ChildStartError, match=r"not ready within 10\.0 s") as info:
+            await sup.start_child(None, name="hung")
+        assert trio.current_time() - start == 10.0
+        assert info.value.returncode == -signal.SIGKILL
+        assert sup.statistics().failed_starts == 1
 
 
 async def test_debug_sleep_extends_the_ready_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     processes: list[FakeProcess] = []
-    async with trio.open_nursery() as fakes:
-        async with nursery_procs.open_supervisor(
+    async with (
+        trio.open_nursery() as fakes,
+        nursery_procs.open_supervisor(
             policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.HANG_ON_BOOT, processes)
-        ) as sup:
-            start = trio.current_time()
-            with pytest.raises(ChildStartError, match="not ready within 40.0 s"):
-                await sup.start_child(None, debug_sleep=30.0)
-            assert trio.current_time() - start == 40.0
+        ) as sup,
+    ):
+        start = trio.current_time()
+        with pytest.raises(ChildStartError, match=r"not ready within 40\.0 s"):
+            await sup.start_child(None, debug_sleep=30.0)
+        assert trio.current_time() - start == 40.0
 
 
 async def test_escalate_returns_at_once_for_a_process_that_exits(
@@ -169,7 +177,12 @@ async def test_escalate_returns_at_once_for_a_process_that_exits(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("grace_period", -1.0), ("kill_after", -0.5), ("ready_timeout", -2.0), ("max_message_size", 10)],
+    [
+        ("grace_period", -1.0),
+        ("kill_after", -0.5),
+        ("ready_timeout", -2.0),
+        ("max_message_size", 10),
+    ],
 )
 def test_policy_rejects_bad_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):

@@ -8,10 +8,10 @@ import signal
 from pathlib import Path
 
 import pytest
+import targets
 import trio
 
 import nursery_procs
-import targets
 from nursery_procs import (
     ChildStartError,
     ContextDied,
@@ -120,7 +120,9 @@ async def test_a_child_failing_to_boot_raises_with_its_stderr() -> None:
         with pytest.raises(ChildStartError) as info:
             await sup.start_child("tests_no_such_module:main", name="broken")
         assert info.value.returncode == 1
-        assert any("No module named 'tests_no_such_module'" in line for line in info.value.stderr_tail)
+        assert any(
+            "No module named 'tests_no_such_module'" in line for line in info.value.stderr_tail
+        )
         assert sup.statistics().failed_starts == 1
         assert sup.children == []
 
@@ -248,7 +250,9 @@ async def test_malformed_frame_closes_only_that_link(caplog: pytest.LogCaptureFi
     assert any("code 1002" in m for m in messages)
 
 
-async def test_oversized_message_closes_the_link_with_1009(caplog: pytest.LogCaptureFixture) -> None:
+async def test_oversized_message_closes_the_link_with_1009(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.WARNING)
     policy = Policy(max_message_size=64 * 1024, grace_period=2.0)
     async with nursery_procs.open_supervisor(policy=policy) as sup:

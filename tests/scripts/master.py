@@ -15,7 +15,7 @@ import trio
 import nursery_procs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import targets  # noqa: E402
+import targets
 
 
 async def main(marker_dir: str, count: int) -> None:
