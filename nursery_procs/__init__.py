@@ -11,6 +11,9 @@ from ._context import State as State
 from ._context import current_router as current_router
 from ._context import in_child as in_child
 from ._context import parent as parent
+from ._control import ControlSocketBusy as ControlSocketBusy
+from ._control import open_control as open_control
+from ._control import serve_control as serve_control
 from ._errors import ChildStartError as ChildStartError
 from ._errors import ContextDied as ContextDied
 from ._errors import ContextError as ContextError

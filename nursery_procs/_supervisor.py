@@ -276,6 +276,22 @@ class Supervisor:
 
         return open_pool(self, target, *args, **options)
 
+    async def serve_control(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+        **options: Any,
+    ) -> None:
+        """Serve the control API on a Unix socket at *path* (see :func:`serve_control`).
+
+        Use ``await nursery.start(sup.serve_control, path)``: it returns once the
+        socket file exists and accepts connections.
+        """
+        from ._control import serve_control
+
+        await serve_control(self, path, task_status=task_status, **options)
+
     # -- one child's life ------------------------------------------------
 
     async def _run_child(
