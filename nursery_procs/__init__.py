@@ -8,9 +8,11 @@ SIGKILL, and reaped.
 from ._context import Context as Context
 from ._context import ContextStatistics as ContextStatistics
 from ._context import State as State
+from ._context import context_by_id as context_by_id
 from ._context import current_router as current_router
 from ._context import in_child as in_child
 from ._context import parent as parent
+from ._context import serve_requests as serve_requests
 from ._control import ControlSocketBusy as ControlSocketBusy
 from ._control import open_control as open_control
 from ._control import serve_control as serve_control

@@ -12,7 +12,7 @@ import trio
 
 from . import _wire
 from ._errors import ContextDied, LinkClosed
-from ._router import ROOT_ID, Router
+from ._router import ANY_SOURCE, ROOT_ID, Router
 from ._wire import Handle
 
 if TYPE_CHECKING:
@@ -57,6 +57,43 @@ def parent() -> Context:
         return _PARENT.get()
     except LookupError:
         raise RuntimeError("this process is not a nursery_procs child: it has no parent") from None
+
+
+def context_by_id(context_id: int) -> Context:
+    """A handle for messaging any context by id, from anywhere in the tree.
+
+    The name is known if the context is below this one; messages to a context
+    that does not exist get dead replies.
+    """
+    router = current_router()
+    info = router.directory.get(context_id)
+    name = info.name if info is not None else f"context-{context_id}"
+    parent_id = info.parent_id if info is not None else None
+    pid = info.pid if info is not None else None
+    return Context(context_id, name, parent_id, router, None, pid)
+
+
+async def serve_requests(handler: Callable[[Any], Awaitable[Any] | Any]) -> None:
+    """Answer requests from every context (those without a server of their own).
+
+    Like :meth:`Context.serve_requests`, for any requester in the tree: the
+    handler's return value is the reply, its exception a :class:`RemoteError`.
+    Never returns.
+
+    Raises:
+        RuntimeError: requests from every context are already being served here.
+
+    **Cancellation:** stops serving; requests being handled are cancelled.
+    """
+    router = current_router()
+    async with trio.open_nursery() as nursery:
+        router.serve_requests(ANY_SOURCE, handler, nursery)
+        try:
+            for msg in router.queued_requests():
+                await router.answer_soon(msg, handler, nursery, None)
+            await trio.sleep_forever()
+        finally:
+            router.stop_serving_requests(ANY_SOURCE)
 
 
 def in_child() -> bool:
@@ -308,6 +345,10 @@ class Context:
     async def aclose(self) -> None:
         """Shut the child down gracefully and reap it.
 
+        For a context deeper in the tree (a grandchild), this sends it SHUTDOWN
+        through the tree and waits until its parent has reaped it and withdrawn
+        its route.
+
         Sends SHUTDOWN; the child cancels its target, closes its own children and
         exits. If it is still running after ``grace_period`` it gets SIGTERM, and
         after ``kill_after`` more, SIGKILL. Idempotent: a second call waits for the
@@ -319,7 +360,22 @@ class Context:
         **Resource handling:** on return the process has been reaped and its link,
         pipes and route are closed.
         """
-        await self._owned().stop()
+        if self._child is not None:
+            await self._child.stop()
+            return
+        router = self._router
+        if router.parent_route is not None and self.id == router.parent_route.peer_id:
+            raise RuntimeError("a child cannot close its parent")
+        if not router.knows(self.id):
+            return
+        # A context deeper in the tree: its own parent escalates and reaps it; we
+        # wait until its route is withdrawn.
+        with trio.CancelScope(shield=True):
+            try:
+                await router.send(_wire.make(self.id, router.id, Handle.SHUTDOWN, None))
+            except (LinkClosed, WireError, MessageUndeliverable):
+                return
+            await router.wait_gone(self.id)
 
     async def wait_exited(self) -> int | None:
         """Wait until the child has exited and been reaped; return its exit status.

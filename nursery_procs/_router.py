@@ -33,6 +33,8 @@ from ._wire import Handle, Message
 log = logging.getLogger("nursery_procs.router")
 
 ROOT_ID = 0
+#: ``serve_requests`` key for a server answering requests from every context.
+ANY_SOURCE = -1
 _CHILD_CONTROL = frozenset((Handle.RESULT, Handle.LOG, Handle.READY))
 #: How many ids the root hands out at once to a context that starts children.
 ID_BLOCK_SIZE = 64
@@ -137,6 +139,7 @@ class Router:
         self.directory: dict[int, ContextInfo] = {}
         #: Called with ``(ids, reason)`` when contexts behind a child link go away.
         self.on_routes_lost: list[Callable[[frozenset[int]], None]] = []
+        self._gone_waiters: dict[int, trio.Event] = {}
         self.dropped = 0
         self.dead_replies_sent = 0
         self._handlers[Handle.ADD_ROUTE] = self._on_add_route
@@ -175,8 +178,21 @@ class Router:
     def stop_serving_requests(self, src_id: int) -> None:
         self._request_servers.pop(src_id, None)
 
+    def queued_requests(self) -> list[Message]:
+        """Take every request queued (unserved) so far, from every context."""
+        taken: list[Message] = []
+        for (_, handle), (_, receive) in list(self._inboxes.items()):
+            if handle != Handle.REQUEST:
+                continue
+            while True:
+                try:
+                    taken.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+        return taken
+
     def _on_request(self, msg: Message, route: Route | None) -> Awaitable[None] | None:
-        server = self._request_servers.get(msg.src_id)
+        server = self._request_servers.get(msg.src_id) or self._request_servers.get(ANY_SOURCE)
         if server is None:
             self._to_inbox(msg, route)
             return None
@@ -298,7 +314,18 @@ class Router:
                 pending.settle(error=error(pending.dst_id))
         for callback in self.on_routes_lost:
             callback(ids)
+        for context_id in ids:
+            waiter = self._gone_waiters.pop(context_id, None)
+            if waiter is not None:
+                waiter.set()
         await self._announce(Handle.DEL_ROUTE, tuple(sorted(ids)))
+
+    async def wait_gone(self, context_id: int) -> None:
+        """Wait until the context is no longer reachable from here (its route was removed)."""
+        if context_id not in self._routes:
+            return
+        waiter = self._gone_waiters.setdefault(context_id, trio.Event())
+        await waiter.wait()
 
     async def _announce(self, handle: int, payload: object) -> None:
         if self.parent_route is None:
@@ -309,32 +336,37 @@ class Router:
         except LinkClosed:
             pass
 
-    def _on_add_route(self, msg: Message, route: Route | None) -> None:
-        if route is None or route.upward:
-            self._drop(msg, route, "ADD_ROUTE from a context that is not a child")
-            return
+    def _on_add_route(self, msg: Message, route: Route | None) -> Awaitable[None] | None:
+        if route is None or route.upward or msg.src_id != route.peer_id:
+            self._drop(msg, route, "ADD_ROUTE from a context that is not an immediate child")
+            return None
         try:
             context_id, name, parent_id, pid = _wire.decode(msg)
         except (WireError, ValueError, TypeError):
             self._drop(msg, route, "malformed ADD_ROUTE")
-            return
-        if parent_id not in route.ids or context_id in self._routes or context_id == self.id:
+            return None
+        if (
+            not isinstance(context_id, int)
+            or parent_id not in route.ids
+            or context_id in self._routes
+            or context_id in (self.id, ROOT_ID)
+        ):
             self._drop(msg, route, f"ADD_ROUTE for {context_id} under {parent_id} is not allowed")
-            return
+            return None
         route.ids.add(context_id)
         self._routes[context_id] = route
         self.directory[context_id] = ContextInfo(context_id, str(name), parent_id, int(pid))
-        self._spawn_system(self._announce, Handle.ADD_ROUTE, (context_id, name, parent_id, pid))
+        return self._announce(Handle.ADD_ROUTE, (context_id, name, parent_id, pid))
 
-    def _on_del_route(self, msg: Message, route: Route | None) -> None:
-        if route is None or route.upward:
-            self._drop(msg, route, "DEL_ROUTE from a context that is not a child")
-            return
+    def _on_del_route(self, msg: Message, route: Route | None) -> Awaitable[None] | None:
+        if route is None or route.upward or msg.src_id != route.peer_id:
+            self._drop(msg, route, "DEL_ROUTE from a context that is not an immediate child")
+            return None
         try:
             ids = frozenset(int(i) for i in _wire.decode(msg))
         except (WireError, ValueError, TypeError):
             self._drop(msg, route, "malformed DEL_ROUTE")
-            return
+            return None
         # A child may only withdraw contexts behind itself, never itself.
         ids = frozenset(i for i in ids if i in route.ids and i != route.peer_id)
         route.ids -= ids
@@ -344,12 +376,12 @@ class Router:
             name = info.name if info else str(context_id)
             return ContextDied(name, context_id, detail="its route was lost")
 
-        self._spawn_system(self._forget, ids, gone)
+        return self._forget(ids, gone)
 
-    def _on_allocate_id(self, msg: Message, route: Route | None) -> None:
+    def _on_allocate_id(self, msg: Message, route: Route | None) -> Awaitable[None]:
         start = self._next_id
         self._next_id += ID_BLOCK_SIZE
-        self._spawn_system(self.reply, msg, (True, (start, start + ID_BLOCK_SIZE)))
+        return self.reply(msg, (True, (start, start + ID_BLOCK_SIZE)))
 
     async def allocate_id(self) -> int:
         """A fresh context id: counted at the root, from blocks the root hands out elsewhere."""
@@ -362,19 +394,6 @@ class Router:
                 start, stop = await self.request(ROOT_ID, Handle.ALLOCATE_ID, ID_BLOCK_SIZE)
                 self._id_block = list(range(int(start), int(stop)))
             return self._id_block.pop(0)
-
-    # -- system tasks ----------------------------------------------------
-
-    def _spawn_system(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
-        """Run a short router chore (a dead reply, a route notice) without blocking a pump."""
-
-        async def guarded() -> None:
-            try:
-                await fn(*args)
-            except Exception:  # a chore must never take the whole run down
-                log.exception("%r: a routing chore failed", self)
-
-        trio.lowlevel.spawn_system_task(guarded, name=f"nursery_procs router {self.id} chore")
 
     # -- sending ---------------------------------------------------------
 

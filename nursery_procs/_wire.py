@@ -126,7 +126,7 @@ def set_main_loader(loader: Callable[[], None] | None) -> None:
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         loader = _main_loader
-        if module == "__main__" and loader is not None:
+        if module in ("__main__", "__mp_main__") and loader is not None:
             loader()
         return super().find_class(module, name)
 

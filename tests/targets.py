@@ -134,3 +134,81 @@ async def forward_between(count: int) -> int:
     for _ in range(count):
         await parent.send(await parent.receive())
     return count
+
+
+async def tree_node(depth: int, fanout: int, marker_dir: str | None = None) -> None:
+    """One node of a test tree: start *fanout* children (each a subtree of *depth* - 1),
+    report the subtree's size to the parent once all are ready, then serve requests.
+
+    With *marker_dir*, the node writes ``<name> <monotonic time>`` there when it
+    finishes, after its own children have finished.
+    """
+    import time
+
+    me = nursery_procs.current_router().name
+    parent = nursery_procs.parent()
+    try:
+        async with nursery_procs.open_supervisor() as sup:
+            kids: list[nursery_procs.Context] = []
+            if depth > 0:
+                async with trio.open_nursery() as nursery:
+                    for i in range(fanout):
+
+                        async def start(i: int = i) -> None:
+                            kids.append(
+                                await sup.start_child(
+                                    tree_node, depth - 1, fanout, marker_dir, name=f"{me}.{i}"
+                                )
+                            )
+
+                        nursery.start_soon(start)
+            size = 1
+            for kid in kids:
+                _, kid_size = await kid.receive()
+                size += kid_size
+            await parent.send(("ready", size))
+            await nursery_procs.serve_requests(tree_request)
+    finally:
+        if marker_dir is not None:
+            Path(marker_dir, me).write_text(f"{me} {time.monotonic()}\n")  # noqa: ASYNC240
+
+
+async def tree_request(obj: Any) -> Any:
+    if obj == "block":
+        await trio.sleep_forever()
+    if obj == "whoami":
+        router = nursery_procs.current_router()
+        return (router.id, router.name, os.getpid())
+    return obj
+
+
+async def message_context(context_id: int, obj: Any, handle: int = 9) -> str:
+    """Send *obj* from here to any context; report a dead reply's reason, if any."""
+    router = nursery_procs.current_router()
+    try:
+        if handle == 9:
+            await nursery_procs.context_by_id(context_id).send(obj)
+            return "sent"
+        await router.request(context_id, handle, obj)
+    except nursery_procs.MessageUndeliverable as exc:
+        return exc.reason
+    return "delivered"
+
+
+async def send_spoofed(src_id: int, handle: int, obj: Any) -> None:
+    """Send a well-formed envelope to the parent that claims another source."""
+    from nursery_procs import _wire
+
+    router = nursery_procs.current_router()
+    route = router.parent_route
+    assert route is not None
+    msg = _wire.make(route.peer_id, src_id, handle, obj)
+    await route.link.send(_wire.pack(msg))
+
+
+async def post(context_id: int, handle: int, obj: Any) -> None:
+    """Route one message with any handle from here, expecting no reply."""
+    from nursery_procs import _wire
+
+    router = nursery_procs.current_router()
+    await router.send(_wire.make(context_id, router.id, handle, obj))

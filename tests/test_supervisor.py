@@ -281,10 +281,13 @@ async def test_forward_ends_quietly_when_a_side_goes_away() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(nursery_procs.forward, receive, echo)
             nursery.start_soon(nursery_procs.forward, echo, out_send)
-            # The child echoes three messages and exits; both forwards end quietly.
+            # The child echoes three messages and exits: the forward reading from it
+            # ends, and the one writing to it ends at its next write.
             assert [await out_receive.receive() for _ in range(3)] == [0, 1, 2]
+            assert await echo.wait() == 3
             send.send_nowait(3)
-        assert await echo.wait() == 3
+        # Both forwards ended quietly (the nursery exited without an error).
+        assert echo.state is State.EXITED
 
 
 async def test_sibling_children_are_independent() -> None:
