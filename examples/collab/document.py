@@ -533,7 +533,9 @@ class DocumentKernel:
         if not changed:
             return _empty_reply()
         encoded = self._awareness.encode_awareness_update(_unique(changed))
-        return Reply(durable=[], outgoing=[Outgoing(None, client_id, _awareness_message(encoded))])
+        # Echoed to the sender too, as y-websocket's reference server does: its
+        # client treats 30 s without any message as a dead connection.
+        return Reply(durable=[], outgoing=[Outgoing(None, None, _awareness_message(encoded))])
 
     # -- awareness bookkeeping ---------------------------------------------------------------
 
