@@ -160,7 +160,10 @@ class BenchClient:
             try:
                 async with trio.open_nursery() as nursery:
                     ws = await trio_websocket.wrap_client_stream(
-                        nursery, stream, f"{parts.hostname}:{parts.port}", parts.path,
+                        nursery,
+                        stream,
+                        f"{parts.hostname}:{parts.port}",
+                        parts.path,
                         max_message_size=64 * 1024 * 1024,
                     )
                     self.ws = ws
@@ -178,9 +181,7 @@ class BenchClient:
             await trio.sleep(0.05 * (attempt + 1))  # told to try again later
         raise RuntimeError(f"client {self.index}: could not connect (close {self.close_code})")
 
-    async def _read(
-        self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope
-    ) -> None:
+    async def _read(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
         try:
             while True:
                 message = await ws.get_message()
@@ -328,8 +329,9 @@ async def serve_baseline(port: int) -> None:
 
     quiet = logging.getLogger("baseline")
     quiet.setLevel(logging.CRITICAL)
-    rooms = WebsocketServer(rooms_ready=True, auto_clean_rooms=True, log=quiet,
-                            exception_handler=exception_logger)
+    rooms = WebsocketServer(
+        rooms_ready=True, auto_clean_rooms=True, log=quiet, exception_handler=exception_logger
+    )
 
     # WebsocketServer.get_room() starts a new room without a lock, and a second client
     # arriving while the first one's room is starting waits for ever (the room holds its
@@ -345,7 +347,11 @@ async def serve_baseline(port: int) -> None:
     async with rooms, trio.open_nursery() as nursery:
         server = await nursery.start(
             lambda task_status: trio_websocket.serve_websocket(
-                handler, HOST, port, None, max_message_size=1024 * 1024,
+                handler,
+                HOST,
+                port,
+                None,
+                max_message_size=1024 * 1024,
                 task_status=task_status,
             )
         )
@@ -416,7 +422,10 @@ def _temporary_directory(parent: Path | None) -> Iterator[Path]:
 
 async def _start(argv: list[str]) -> tuple[trio.Process, int, list[bytes]]:
     process = await trio.lowlevel.open_process(
-        argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        argv,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     assert process.stderr is not None
@@ -439,11 +448,25 @@ async def _drain(stream: trio.abc.ReceiveStream, into: list[bytes]) -> None:
 async def run_load(kind: str, options: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     if kind == "nursery_procs":
         argv = [
-            sys.executable, "-m", "examples.collab", "--port", "0",
-            "--data-dir", str(data_dir), "--spare", "2",
-            "--max-docs", str(options.docs + 16), "--linger", "2",
-            "--start-timeout", "60", "--max-clients", str(options.clients + 100),
-            "--max-clients-per-doc", str(options.clients),
+            sys.executable,
+            "-m",
+            "examples.collab",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            "--spare",
+            "2",
+            "--max-docs",
+            str(options.docs + 16),
+            "--linger",
+            "2",
+            "--start-timeout",
+            "60",
+            "--max-clients",
+            str(options.clients + 100),
+            "--max-clients-per-doc",
+            str(options.clients),
         ]
     else:
         argv = [sys.executable, str(SCRIPT), "--serve-baseline"]
@@ -472,8 +495,10 @@ async def _drive(
     kind: str, options: argparse.Namespace, port: int, server_pid: int
 ) -> dict[str, Any]:
     names = [f"bench-{i}" for i in range(options.docs)]
-    per_doc = [options.clients // options.docs + (i < options.clients % options.docs)
-               for i in range(options.docs)]
+    per_doc = [
+        options.clients // options.docs + (i < options.clients % options.docs)
+        for i in range(options.docs)
+    ]
     workers = max(1, min(options.workers, options.docs))
     plans: list[list[tuple[str, int]]] = [[] for _ in range(workers)]
     for i, (name, count) in enumerate(zip(names, per_doc, strict=True)):
@@ -483,13 +508,21 @@ async def _drive(
     try:
         for plan in plans:
             config = {
-                "port": port, "docs": plan, "rate": options.rate, "seconds": options.seconds,
-                "drain": 5.0, "connect_timeout": 120.0,
+                "port": port,
+                "docs": plan,
+                "rate": options.rate,
+                "seconds": options.seconds,
+                "drain": 5.0,
+                "connect_timeout": 120.0,
             }
-            processes.append(await trio.lowlevel.open_process(
-                [sys.executable, str(SCRIPT), "--worker", json.dumps(config)],
-                cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            ))
+            processes.append(
+                await trio.lowlevel.open_process(
+                    [sys.executable, str(SCRIPT), "--worker", json.dumps(config)],
+                    cwd=REPO,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            )
 
         async def read_line(index: int) -> bytes:
             stdout = processes[index].stdout
@@ -575,8 +608,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         cells.append([fmt.format(row[key]) for _, key, fmt in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for n, line in enumerate(cells):
-        print("  ".join(cell.rjust(width) if i else cell.ljust(width)
-                        for i, (cell, width) in enumerate(zip(line, widths, strict=True))))
+        print(
+            "  ".join(
+                cell.rjust(width) if i else cell.ljust(width)
+                for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+            )
+        )
         if n == 0:
             print("  ".join("-" * width for width in widths))
 
@@ -592,8 +629,11 @@ async def main(options: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"documents journaled (with fsync) under {data_dir}", flush=True)
         for kind in ("nursery_procs", "pycrdt-websocket"):
             row = await run_load(kind, options, data_dir / kind)
-            print(f"  {kind}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
-                  f"{row['edits_applied_per_s']:.1f} edits/s applied", flush=True)
+            print(
+                f"  {kind}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+                f"{row['edits_applied_per_s']:.1f} edits/s applied",
+                flush=True,
+            )
             rows.append(row)
     print()
     print_table(rows)
@@ -611,7 +651,9 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=2.0, help="edits per second per client")
     parser.add_argument("--workers", type=int, default=2, help="client processes")
     parser.add_argument(
-        "--data-dir", type=Path, default=None,
+        "--data-dir",
+        type=Path,
+        default=None,
         help="where the collab server journals (a temporary directory is made in it; "
         "default: the system's temporary directory)",
     )

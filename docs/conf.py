@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 project = "nursery_procs"
 author = "the nursery_procs authors"
-copyright = "2026, the nursery_procs authors"  # noqa: A001
+copyright = "2026, the nursery_procs authors"
 release = "0.1.0.dev0"
 
 extensions = [

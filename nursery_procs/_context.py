@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from . import _wire
-from ._errors import ContextDied, LinkClosed
+from ._errors import ContextDied, LinkClosed, MessageUndeliverable, WireError
 from ._router import ANY_SOURCE, ROOT_ID, Router
 from ._wire import Handle
 

@@ -80,8 +80,17 @@ def parse_http(data: bytes) -> Answer:
 async def curl(path: str, target: str, *args: str) -> Answer:
     """``curl --unix-socket path http://localhost<target>`` with extra *args*."""
     result = await trio.run_process(
-        [CURL, "-s", "-i", "--max-time", "20", "--unix-socket", path, *args,
-         f"http://localhost{target}"],
+        [
+            CURL,
+            "-s",
+            "-i",
+            "--max-time",
+            "20",
+            "--unix-socket",
+            path,
+            *args,
+            f"http://localhost{target}",
+        ],
         capture_stdout=True,
         check=False,
     )
@@ -201,8 +210,14 @@ async def test_status_contexts_and_pools_with_curl(sock_path: str) -> None:
             assert single.body == pools[0] | {"statistics": single.body["statistics"]}
 
             resized = await curl(
-                sock_path, "/pools/worker", "-X", "PUT", "-H", "Content-Type: application/json",
-                "--data-binary", '{"spare": 2, "max": 3, "idle_timeout": 30}',
+                sock_path,
+                "/pools/worker",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                '{"spare": 2, "max": 3, "idle_timeout": 30}',
             )
             assert resized.status == 200
             stats = resized.body["statistics"]
@@ -231,9 +246,7 @@ async def test_deeper_contexts_are_nested_and_can_be_stopped(sock_path: str) -> 
         editor = await sup.start_child(nest, "doc/notes", name="editor")
 
         def grandchild() -> Any:
-            return next(
-                (i for i in sup.router.directory.values() if i.name == "doc/notes"), None
-            )
+            return next((i for i in sup.router.directory.values() if i.name == "doc/notes"), None)
 
         await wait_for(lambda: grandchild() is not None)
         info = grandchild()
@@ -579,8 +592,14 @@ async def test_error_answers_are_json_and_the_server_keeps_going(
             assert too_large.status == 413
             assert "65536" in too_large.body["error"]
             chunked = await curl(
-                sock_path, "/pools/worker", "-X", "PUT", "-H", "Transfer-Encoding: chunked",
-                "--data-binary", f"@{big}",
+                sock_path,
+                "/pools/worker",
+                "-X",
+                "PUT",
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                f"@{big}",
             )
             assert chunked.status == 413
 
@@ -678,13 +697,24 @@ async def test_cli_against_a_live_server(sock_path: str, sock_dir: str) -> None:
             header, row = pools.stdout.decode().splitlines()
             assert header.split()[:3] == ["name", "spare", "max"]
             assert row.split()[:3] == ["worker", "1", "3"]
-            assert json.loads((await cli("--socket", sock_path, "--json", "pools")).stdout)[
-                "pools"
-            ][0]["name"] == "worker"
+            assert (
+                json.loads((await cli("--socket", sock_path, "--json", "pools")).stdout)["pools"][
+                    0
+                ]["name"]
+                == "worker"
+            )
 
             resize = await cli(
-                "--socket", sock_path, "resize", "worker", "--spare", "2", "--max", "3",
-                "--idle-timeout", "60",
+                "--socket",
+                sock_path,
+                "resize",
+                "worker",
+                "--spare",
+                "2",
+                "--max",
+                "3",
+                "--idle-timeout",
+                "60",
             )
             assert resize.returncode == 0, resize.stderr
             assert "spare: 2" in resize.stdout.decode()

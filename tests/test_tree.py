@@ -8,11 +8,11 @@ import signal
 from pathlib import Path
 
 import pytest
+import targets
 import trio
 import trio.testing
 
 import nursery_procs
-import targets
 from nursery_procs import ContextDied, MessageUndeliverable, State
 from nursery_procs._wire import Handle
 
@@ -112,7 +112,7 @@ async def test_closing_an_intermediary_closes_its_subtree_depth_first(tmp_path: 
             assert ctx is not None
             assert (tmp_path / name).exists()
             assert sup.context_by_name(name) is None
-        times = {p.name: float(p.read_text().split()[1]) for p in tmp_path.iterdir()}
+        times = {p.name: float(p.read_text().split()[1]) for p in tmp_path.iterdir()}  # noqa: ASYNC240
         assert times["n.0"] > max(times["n.0.0"], times["n.0.1"])
         # The right subtree is undisturbed.
         for name in ("n.1", "n.1.0", "n.1.1"):

@@ -430,13 +430,16 @@ class CollabServer:
             self.supervisor = supervisor
             async with trio.open_nursery() as docs_nursery:
                 self._docs_nursery = docs_nursery
-                async with supervisor.open_pool(
-                    serve_pooled_document,
-                    name="collab",
-                    spare=settings.spare,
-                    max=settings.max_docs,
-                    linger=settings.linger,
-                ) as pool, AsyncExitStack() as extras:
+                async with (
+                    supervisor.open_pool(
+                        serve_pooled_document,
+                        name="collab",
+                        spare=settings.spare,
+                        max=settings.max_docs,
+                        linger=settings.linger,
+                    ) as pool,
+                    AsyncExitStack() as extras,
+                ):
                     self.pool = pool
                     if settings.control is not None:
                         await _open_control(extras, supervisor, settings.control)
@@ -564,7 +567,10 @@ class CollabServer:
         if path.startswith("/doc/"):
             if not wants_websocket:
                 await _send_simple(
-                    stream, conn, 426, "this is a WebSocket endpoint",
+                    stream,
+                    conn,
+                    426,
+                    "this is a WebSocket endpoint",
                     extra=[(b"upgrade", b"websocket")],
                 )
                 return None
@@ -828,7 +834,10 @@ class CollabServer:
         if doc.died:
             log.warning(
                 "document %r: its process %s (pid %s) died: %s",
-                doc.name, ctx.name, ctx.pid, _exit_text(status),
+                doc.name,
+                ctx.name,
+                ctx.pid,
+                _exit_text(status),
             )
         else:
             log.info("document %r closed (pid %s, %s)", doc.name, ctx.pid, _exit_text(status))
@@ -904,8 +913,13 @@ async def _send_simple(
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     await _send_response(
-        stream, conn, status, f"{status} {text}\n".encode(), b"text/plain; charset=utf-8",
-        close=close, extra=extra,
+        stream,
+        conn,
+        status,
+        f"{status} {text}\n".encode(),
+        b"text/plain; charset=utf-8",
+        close=close,
+        extra=extra,
     )
 
 
@@ -1002,23 +1016,31 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--max-clients", type=int, default=defaults.max_clients)
     parser.add_argument("--max-clients-per-doc", type=int, default=defaults.max_clients_per_doc)
     parser.add_argument(
-        "--linger", type=float, default=defaults.linger,
+        "--linger",
+        type=float,
+        default=defaults.linger,
         help="seconds a document's process outlives its last client",
     )
     parser.add_argument(
         "--spare", type=int, default=defaults.spare, help="document processes started ahead"
     )
     parser.add_argument(
-        "--max-docs", type=int, default=defaults.max_docs,
+        "--max-docs",
+        type=int,
+        default=defaults.max_docs,
         help="document processes at once (in use, spare, starting, stopping)",
     )
     parser.add_argument(
-        "--start-timeout", type=float, default=defaults.start_timeout,
+        "--start-timeout",
+        type=float,
+        default=defaults.start_timeout,
         help="seconds a client waits for its document's process",
     )
     parser.add_argument("--max-message-size", type=int, default=defaults.max_message_size)
     parser.add_argument(
-        "--client-queue", type=int, default=defaults.client_queue,
+        "--client-queue",
+        type=int,
+        default=defaults.client_queue,
         help="messages queued for a client before it is closed as too slow",
     )
     parser.add_argument(

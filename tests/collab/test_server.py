@@ -230,8 +230,18 @@ async def server_process(tmp_path: Path, *args: str) -> AsyncIterator[tuple[trio
     """``python -m examples.collab`` on a free port; yields the process and the port."""
     process = await trio.lowlevel.open_process(
         [
-            sys.executable, "-m", "examples.collab", "--port", "0", "--spare", "1",
-            "--linger", "0.2", "--data-dir", str(tmp_path / "data"), *args,
+            sys.executable,
+            "-m",
+            "examples.collab",
+            "--port",
+            "0",
+            "--spare",
+            "1",
+            "--linger",
+            "0.2",
+            "--data-dir",
+            str(tmp_path / "data"),
+            *args,
         ],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
