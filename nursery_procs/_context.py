@@ -138,12 +138,52 @@ class Context:
     _router: Router
     _child: _Child | None = None
     _pid: int | None = None
+    _changed: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _no_more_restarts: bool = attrs.field(init=False, default=False)
     _inbox: trio.MemoryReceiveChannel[_wire.Message] = attrs.field(init=False)
     _requests: trio.MemoryReceiveChannel[_wire.Message] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._inbox = self._router.inbox(self.id, Handle.CHANNEL)
         self._requests = self._router.inbox(self.id, Handle.REQUEST)
+
+    def _rebind(self, child: _Child) -> None:
+        """Point this handle at a restarted child's new incarnation."""
+        self._child = child
+        self.__attrs_post_init__()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _final(self) -> None:
+        """The supervisor will not restart this child again."""
+        self._no_more_restarts = True
+        self._changed.set()
+
+    async def wait_ready(self) -> None:
+        """Wait until the child is READY: now, or after a restart.
+
+        Raises:
+            ContextDied: it exited and will not be restarted.
+        """
+        while True:
+            child = self._owned()
+            if child.state is State.READY:
+                return
+            if child.exited.is_set() and self._no_more_restarts:
+                raise self._died("it exited and will not be restarted")
+            changed = self._changed
+            if child.ready.is_set():
+                # This incarnation is past READY: wait for the next one (or the end).
+                await changed.wait()
+                continue
+            async with trio.open_nursery() as nursery:
+
+                async def wake(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(wake, child.ready)
+                nursery.start_soon(wake, changed)
 
     def __repr__(self) -> str:
         return f"<Context {self.id} {self.name!r} {self.state.value} pid={self.pid}>"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import enum
 import logging
 import os
 import sys
@@ -14,7 +16,14 @@ import trio
 
 from . import _wire
 from ._context import Context, State, current_router
-from ._errors import ChildStartError, ContextDied, HandshakeError, LinkClosed, WireError
+from ._errors import (
+    ChildStartError,
+    ContextDied,
+    HandshakeError,
+    LinkClosed,
+    SupervisorError,
+    WireError,
+)
 from ._link import Link, accept_link
 from ._process import (
     DEBUG_SLEEP_ENV,
@@ -36,6 +45,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("nursery_procs.supervisor")
 
 
+class Restart(enum.Enum):
+    """When a supervisor restarts a child that exited (as in Erlang/OTP)."""
+
+    #: Always, however it exited (unless it was shut down on purpose).
+    PERMANENT = "permanent"
+    #: Only if it exited abnormally: non-zero status, a signal, or its target raised.
+    TRANSIENT = "transient"
+    #: Never (the default).
+    TEMPORARY = "temporary"
+
+
 @attrs.frozen
 class SupervisorStatistics:
     """A snapshot of a supervisor's children."""
@@ -55,6 +75,8 @@ class SupervisorStatistics:
     #: Exited children whose exit was not clean (non-zero status or a signal, or
     #: no result reported).
     crashed_total: int
+    #: Children restarted under their restart policy.
+    restarts_total: int = 0
 
 
 @attrs.define(eq=False)
@@ -97,6 +119,13 @@ class _Child:
     @property
     def logger(self) -> logging.Logger:
         return child_logger(self.name)
+
+    def reincarnate(self) -> _Child:
+        """A fresh incarnation behind the same :class:`Context` (for a restart)."""
+        fresh = _Child(name=self.name, policy=self.policy, debug_sleep=self.debug_sleep)
+        fresh.ctx = self.ctx
+        self.ctx._rebind(fresh)
+        return fresh
 
     def handle_control(self, msg: Message) -> None:
         if msg.handle == Handle.READY:
@@ -154,7 +183,17 @@ class Supervisor:
         router: Router,
         policy: Policy,
         spawner: Callable[..., Awaitable[Spawned]] = spawn,
+        max_restarts: int = 3,
+        restart_window: float = 5.0,
     ) -> None:
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, not {max_restarts!r}")
+        if not restart_window > 0:
+            raise ValueError(f"restart_window must be > 0, not {restart_window!r}")
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._restarts_total = 0
         self._nursery = nursery
         self._spawn = spawner
         self._service: trio.Nursery = nursery  # replaced by the shielded one on open
@@ -190,6 +229,7 @@ class Supervisor:
             failed_starts=self._failed_starts,
             exited_total=self._exited_total,
             crashed_total=self._crashed_total,
+            restarts_total=self._restarts_total,
         )
 
     def context_by_id(self, context_id: int) -> Context | None:
@@ -219,6 +259,7 @@ class Supervisor:
         name: str | None = None,
         policy: Policy | None = None,
         debug_sleep: float | None = None,
+        restart: Restart | str = Restart.TEMPORARY,
     ) -> Context:
         """Start ``target(*args)`` in a new child process; return once it is ready.
 
@@ -232,6 +273,13 @@ class Supervisor:
             debug_sleep: seconds the child sleeps (after logging its pid) before
                 running the target, for a debugger to attach. Default: the
                 ``NURSERY_PROCS_SLEEP_FOR_DEBUGGER`` environment variable.
+            restart: ``"temporary"`` (never restarted), ``"transient"`` (restarted
+                if it exits abnormally) or ``"permanent"`` (always restarted), unless
+                it was shut down on purpose. A restarted child keeps its
+                :class:`Context`, id and name; requests pending when it died get
+                :class:`ContextDied`. More than ``max_restarts`` restarts within
+                ``restart_window`` seconds make the supervisor fail with
+                :class:`SupervisorError`.
 
         Raises:
             ChildStartError: the child exited, broke its handshake, or was not ready
@@ -244,6 +292,7 @@ class Supervisor:
         """
         if self._closed:
             raise RuntimeError("this supervisor is closed")
+        restart = Restart(restart)
         blob = dump_target(target, args)
         if debug_sleep is None:
             env_value = os.environ.get(DEBUG_SLEEP_ENV)
@@ -256,8 +305,53 @@ class Supervisor:
         )
         child.ctx = Context(context_id, child.name, self._router.id, self._router, child)
         self._started_total += 1
-        result: Context = await self._nursery.start(self._run_child, child, blob)
+        result: Context = await self._nursery.start(self._run_with_restarts, child, blob, restart)
         return result
+
+    async def _run_with_restarts(
+        self,
+        child: _Child,
+        blob: bytes,
+        restart: Restart,
+        *,
+        task_status: trio.TaskStatus[Context],
+    ) -> None:
+        await self._run_child(child, blob, task_status=task_status)
+        while self._should_restart(child, restart):
+            self._count_restart(child)
+            child = child.reincarnate()
+            try:
+                await self._run_child(child, blob, task_status=trio.TASK_STATUS_IGNORED)
+            except ChildStartError as exc:
+                child.crashed = True
+                child.logger.warning("restart failed: %s", exc.args[0].splitlines()[0])
+
+    def _should_restart(self, child: _Child, restart: Restart) -> bool:
+        stopped_on_purpose = child.stop_requested.is_set()
+        if self._closed or stopped_on_purpose or restart is Restart.TEMPORARY:
+            again = False
+        else:
+            again = restart is Restart.PERMANENT or child.crashed
+        if not again:
+            child.ctx._final()
+        return again
+
+    def _count_restart(self, child: _Child) -> None:
+        """Note a restart; fail the supervisor if there were too many too fast."""
+        now = trio.current_time()
+        times = self._restart_times
+        while times and times[0] <= now - self.restart_window:
+            times.popleft()
+        if len(times) >= self.max_restarts:
+            raise SupervisorError(
+                f"child {child.name!r} exited ({signal_name(child.returncode)}) after "
+                f"{len(times)} restarts within {self.restart_window} s: giving up"
+            )
+        times.append(now)
+        self._restarts_total += 1
+        child.logger.warning(
+            "restarting child %r after it exited (%s)", child.name, signal_name(child.returncode)
+        )
 
     @asynccontextmanager
     async def open_child(
@@ -559,6 +653,8 @@ async def open_supervisor(
     policy: Policy | None = None,
     siblings_may_talk: bool = True,
     spawner: Callable[..., Awaitable[Spawned]] | None = None,
+    max_restarts: int = 3,
+    restart_window: float = 5.0,
 ) -> AsyncIterator[Supervisor]:
     """Open a supervisor: every child started in it is shut down and reaped before
     the block exits.
@@ -569,6 +665,10 @@ async def open_supervisor(
             between its children's subtrees (only up and down the tree).
         spawner: how to start a child process (default: a fresh Python
             interpreter). Tests pass :func:`nursery_procs.testing.fake_spawner`.
+        max_restarts: restart intensity: at most this many restarts (of children
+            started with ``restart="permanent"`` or ``"transient"``) ...
+        restart_window: ... within this many seconds; one more makes the
+            supervisor fail with :class:`SupervisorError`, closing every child.
 
     **Cancellation / errors:** however the block exits (normally, by an exception,
     by cancellation or Ctrl-C), every child gets SHUTDOWN, its grace period, then
@@ -580,7 +680,14 @@ async def open_supervisor(
         router.siblings_may_talk = False
     try:
         async with trio.open_nursery() as nursery:
-            supervisor = Supervisor(nursery, router, policy or Policy(), spawner or spawn)
+            supervisor = Supervisor(
+                nursery,
+                router,
+                policy or Policy(),
+                spawner or spawn,
+                max_restarts=max_restarts,
+                restart_window=restart_window,
+            )
             supervisor._service = await nursery.start(supervisor._host_services)
             try:
                 yield supervisor

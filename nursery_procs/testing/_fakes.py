@@ -38,6 +38,10 @@ class FakeBehaviour(enum.Enum):
     CRASH_ON_BOOT = "crash-on-boot"
     #: Never says READY (and ignores everything but SIGKILL).
     HANG_ON_BOOT = "hang-on-boot"
+    #: Says READY, then after ``lifetime`` seconds exits with status 1.
+    CRASH_AFTER_READY = "crash-after-ready"
+    #: Says READY, then after ``lifetime`` seconds reports a result and exits 0.
+    EXIT_AFTER_READY = "exit-after-ready"
 
 
 @attrs.define(eq=False)
@@ -49,6 +53,7 @@ class FakeProcess:
     returncode: int | None = None
     #: ``(signal number, trio.current_time())`` for every signal sent.
     signals: list[tuple[int, float]] = attrs.field(factory=list)
+    lifetime: float = 0.0
     stdout: None = None
     stderr: None = None
     exited: trio.Event = attrs.field(factory=trio.Event)
@@ -82,15 +87,18 @@ def fake_spawner(
     nursery: trio.Nursery,
     behaviour: FakeBehaviour = FakeBehaviour.OBEY,
     processes: list[FakeProcess] | None = None,
+    lifetime: float = 0.0,
 ) -> Spawner:
     """A ``spawner`` for :func:`open_supervisor` that starts fake children in *nursery*.
 
     Every :class:`FakeProcess` made is appended to *processes* if given.
+    *lifetime* is how long a ``CRASH_AFTER_READY`` or ``EXIT_AFTER_READY`` child
+    lives after READY.
     """
 
     async def spawn(*, debug_sleep: float | None = None) -> Spawned:
         ours, theirs = trio.testing.memory_stream_pair()
-        process = FakeProcess(behaviour)
+        process = FakeProcess(behaviour, lifetime=lifetime)
         if processes is not None:
             processes.append(process)
         nursery.start_soon(_run_fake_child, theirs, process)
@@ -128,6 +136,15 @@ async def _fake_child_protocol(stream: trio.abc.Stream, process: FakeProcess) ->
         await trio.sleep_forever()
     me, parent = boot.context_id, boot.parent_id
     await link.send(_wire.pack(_wire.make(parent, me, Handle.READY, process.pid)))
+    if process.behaviour in (FakeBehaviour.CRASH_AFTER_READY, FakeBehaviour.EXIT_AFTER_READY):
+        await trio.sleep(process.lifetime)
+        if process.behaviour is FakeBehaviour.EXIT_AFTER_READY:
+            await link.send(_wire.pack(_wire.make(parent, me, Handle.RESULT, (True, None))))
+            await link.aclose(CLOSE_NORMAL, "fake child done")
+            process.exit(0)
+        else:
+            process.exit(1)
+        return
     while True:
         msg = _wire.unpack(await link.receive())
         if msg.handle == Handle.SHUTDOWN and process.behaviour is FakeBehaviour.OBEY:
