@@ -35,6 +35,8 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 
+_OPCODES: Final = frozenset((OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_PROTOCOL_ERROR: Final = 1002
@@ -79,7 +81,7 @@ def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
             _apply_mask_c = speedups.apply_mask
         except ImportError:  # pragma: no cover - wheels ship the extension
             _apply_mask_c = _mask_fallback
-    return _apply_mask_c(bytes(data), key)
+    return _apply_mask_c(data, key)  # type: ignore[arg-type]  # any buffer will do
 
 
 def accept_token(key: str) -> str:
@@ -120,7 +122,8 @@ class _SendGate:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.busy = False
-        self._lot.unpark()
+        if self._lot:
+            self._lot.unpark()
 
 
 class _ProtocolViolation(Exception):
@@ -191,13 +194,15 @@ class Link:
         """
         if self.close_code is not None:
             raise LinkClosed(self.close_code, self.close_reason)
-        length = sum(len(p) for p in parts)
+        length = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         if self.client:
             key = os.urandom(4)
             payload = parts[0] if len(parts) == 1 else b"".join(parts)
-            chunks: tuple[bytes, ...] = (
-                _header(OP_BINARY, length, True) + key + apply_mask(payload, key),
-            )
+            header = _header(OP_BINARY, length, True) + key
+            if length < _READ_SIZE:
+                chunks: tuple[bytes, ...] = (header + apply_mask(payload, key),)
+            else:
+                chunks = (header, apply_mask(payload, key))
         elif length < _READ_SIZE:
             chunks = (b"".join((_header(OP_BINARY, length, False), *parts)),)
         else:
@@ -325,7 +330,7 @@ class Link:
         opcode = b0 & 0x0F
         if b0 & 0x70:
             raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension)")
-        if opcode not in (OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG):
+        if opcode not in _OPCODES:
             raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode 0x{opcode:x}")
         masked = bool(b1 & 0x80)
         if masked == self.client:
@@ -337,11 +342,13 @@ class Link:
         length = b1 & 0x7F
         offset = 2
         if length == 126:
-            await self._fill(4)
+            if len(buf) < 4:
+                await self._fill(4)
             length = _U16.unpack_from(buf, 2)[0]
             offset = 4
         elif length == 127:
-            await self._fill(10)
+            if len(buf) < 10:
+                await self._fill(10)
             length = _U64.unpack_from(buf, 2)[0]
             offset = 10
             if length >> 63:
@@ -358,16 +365,20 @@ class Link:
             )
         key = b""
         if masked:
-            await self._fill(offset + 4)
+            if len(buf) < offset + 4:
+                await self._fill(offset + 4)
             key = bytes(buf[offset : offset + 4])
             offset += 4
         end = offset + length
         if len(buf) < end:
             await self._fill(end)
-        payload = bytes(buf[offset:end])
-        del buf[:end]
         if masked:
-            payload = apply_mask(payload, key)
+            # Unmasked straight out of the buffer: one copy, not two.
+            with memoryview(buf) as view:
+                payload = apply_mask(view[offset:end], key)
+        else:
+            payload = bytes(buf[offset:end])
+        del buf[:end]
         return opcode, fin, payload
 
     async def _on_close_frame(self, payload: bytes) -> None:
