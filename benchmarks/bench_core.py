@@ -8,8 +8,6 @@ it in the same process.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import statistics
@@ -26,6 +24,7 @@ from nursery_procs import Policy
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _raw_echo import Framed
+from _runner import run
 
 HERE = Path(__file__).parent
 
@@ -237,10 +236,4 @@ async def main(quick: bool) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    options = parser.parse_args()
-    figures = trio.run(main, options.quick)
-    if options.json:
-        options.json.write_text(json.dumps(figures, indent=2))
+    run(main, __doc__)

@@ -11,9 +11,8 @@ Run: ``python benchmarks/bench_tree.py`` (``--quick`` for a short run).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,9 @@ from typing import Any
 import trio
 
 import nursery_procs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _runner import run
 
 
 def echo(obj: Any) -> Any:
@@ -93,10 +95,4 @@ async def main(quick: bool) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    options = parser.parse_args()
-    figures = trio.run(main, options.quick)
-    if options.json:
-        options.json.write_text(json.dumps(figures, indent=2))
+    run(main, __doc__)

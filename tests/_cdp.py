@@ -27,6 +27,8 @@ import attrs
 import trio
 import trio_websocket
 
+from nursery_procs.testing import wait_process_gone
+
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 
 #: How long Chromium gets to exit after SIGTERM before the group is SIGKILLed.
@@ -343,18 +345,6 @@ def _strays(marker: str) -> list[int]:
     return found
 
 
-async def _wait_gone(pid: int) -> None:
-    """Wait until *pid* (not necessarily our child) has exited."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
-
-
 async def _terminate(process: trio.Process, marker: str) -> None:
     """SIGTERM the group, wait a bounded time, SIGKILL whatever is left, reap.
 
@@ -372,7 +362,7 @@ async def _terminate(process: trio.Process, marker: str) -> None:
             for pid in _strays(marker):
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                await _wait_gone(pid)
+                await wait_process_gone(pid)
 
 
 def chromium_args(chromium: str, profile_dir: str) -> list[str]:

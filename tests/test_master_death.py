@@ -10,6 +10,8 @@ from pathlib import Path
 
 import trio
 
+from nursery_procs.testing import wait_process_gone
+
 MASTER = Path(__file__).parent / "scripts" / "master.py"
 
 
@@ -41,18 +43,6 @@ async def _reap(process: trio.Process) -> None:
             await process.stdout.aclose()
 
 
-async def _wait_gone(pid: int) -> None:
-    """Wait (no polling) until a process that is not our child has exited."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
-
-
 async def test_children_exit_within_a_second_of_a_sigkilled_master(tmp_path: Path) -> None:
     master, pids, _ = await _start_master(tmp_path, 3)
     try:
@@ -60,7 +50,7 @@ async def test_children_exit_within_a_second_of_a_sigkilled_master(tmp_path: Pat
         await master.wait()
         with trio.fail_after(1.5):
             for pid in pids:
-                await _wait_gone(pid)
+                await wait_process_gone(pid)
     finally:
         await _reap(master)
     # They noticed the closed link and cleaned up (finally blocks ran).
@@ -87,4 +77,4 @@ async def test_ctrl_c_shuts_children_down_in_order(tmp_path: Path) -> None:
     assert b"interrupted" in output
     for i, pid in enumerate(pids):
         assert (tmp_path / f"child-{i}").read_text() == f"clean {pid}\n"
-        await _wait_gone(pid)
+        await wait_process_gone(pid)

@@ -15,17 +15,7 @@ import trio.testing
 import nursery_procs
 from nursery_procs import ContextDied, MessageUndeliverable, State
 from nursery_procs._wire import Handle
-
-
-async def _wait_gone(pid: int) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
+from nursery_procs.testing import wait_process_gone
 
 
 async def _start_tree(
@@ -131,7 +121,7 @@ async def test_shutdown_of_a_grandchild_leaves_its_parent_running() -> None:
         leaf_pid = leaf.pid
         assert leaf_pid is not None
         await leaf.aclose()
-        await _wait_gone(leaf_pid)
+        await wait_process_gone(leaf_pid)
         assert sup.context_by_name("n.0.0") is None
         assert await middle.request("still here") == "still here"
 
@@ -161,7 +151,7 @@ async def test_sigkill_of_an_intermediary_fails_requests_and_leaves_no_orphan() 
         assert len(failures) == 1
         with trio.fail_after(3):
             for pid in leaf_pids:
-                await _wait_gone(pid)
+                await wait_process_gone(pid)
         assert all(sup.context_by_name(n) is None for n in ("n.0", "n.0.0", "n.0.1"))
         other = sup.context_by_name("n.1.1")
         assert other is not None and await other.request("ok") == "ok"

@@ -13,3 +13,4 @@ from ._fakes import FakeProcess as FakeProcess
 from ._fakes import fake_spawner as fake_spawner
 from ._leaks import LeakReport as LeakReport
 from ._leaks import Snapshot as Snapshot
+from ._waits import wait_process_gone as wait_process_gone
