@@ -172,7 +172,7 @@ class Context:
             if child.exited.is_set() and self._no_more_restarts:
                 raise self._died("it exited and will not be restarted")
             changed = self._changed
-            if child.ready.is_set():
+            if child.running.is_set():
                 # This incarnation is past READY: wait for the next one (or the end).
                 await changed.wait()
                 continue
@@ -182,7 +182,7 @@ class Context:
                     await event.wait()
                     nursery.cancel_scope.cancel()
 
-                nursery.start_soon(wake, child.ready)
+                nursery.start_soon(wake, child.running)
                 nursery.start_soon(wake, changed)
 
     def __repr__(self) -> str:

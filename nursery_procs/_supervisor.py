@@ -94,6 +94,8 @@ class _Child:
     crashed: bool = False
     stderr_tail: Any = attrs.field(factory=new_tail)
     ready: trio.Event = attrs.field(factory=trio.Event)
+    #: Set when the state becomes READY (after ``ready``, the child's own word).
+    running: trio.Event = attrs.field(factory=trio.Event)
     stop_requested: trio.Event = attrs.field(factory=trio.Event)
     exited: trio.Event = attrs.field(factory=trio.Event)
     shutdown_sent: bool = False
@@ -418,6 +420,7 @@ class Supervisor:
             else:
                 booted = True
                 child.state = State.READY
+                child.running.set()
                 task_status.started(ctx)
                 await _first_of(link_done.wait, child.stop_requested.wait, process.wait)
         finally:
