@@ -137,8 +137,6 @@ class Router:
         self._id_lock = trio.Lock()
         #: Contexts this router knows about (its subtree; for the root, the whole tree).
         self.directory: dict[int, ContextInfo] = {}
-        #: Called with ``(ids, reason)`` when contexts behind a child link go away.
-        self.on_routes_lost: list[Callable[[frozenset[int]], None]] = []
         self._gone_waiters: dict[int, trio.Event] = {}
         self.dropped = 0
         self.dead_replies_sent = 0
@@ -275,13 +273,6 @@ class Router:
     def knows(self, context_id: int) -> bool:
         return context_id in self._routes
 
-    @property
-    def child_routes(self) -> list[Route]:
-        seen: dict[int, Route] = {}
-        for route in self._routes.values():
-            seen[id(route)] = route
-        return list(seen.values())
-
     def set_parent(self, link: Link, parent_id: int) -> Route:
         self.parent_route = Route(link, parent_id, {parent_id}, upward=True)
         return self.parent_route
@@ -293,9 +284,6 @@ class Router:
         self.directory[info.id] = info
         await self._announce(Handle.ADD_ROUTE, (info.id, info.name, info.parent_id, info.pid))
         return route
-
-    def update_info(self, info: ContextInfo) -> None:
-        self.directory[info.id] = info
 
     async def remove_route(self, route: Route, error: Callable[[int], BaseException]) -> None:
         """Forget every context behind *route*; fail requests waiting on them."""
@@ -312,8 +300,6 @@ class Router:
         for pending in list(self._pending.values()):
             if pending.dst_id in ids:
                 pending.settle(error=error(pending.dst_id))
-        for callback in self.on_routes_lost:
-            callback(ids)
         for context_id in ids:
             waiter = self._gone_waiters.pop(context_id, None)
             if waiter is not None:
