@@ -212,3 +212,12 @@ async def post(context_id: int, handle: int, obj: Any) -> None:
 
     router = nursery_procs.current_router()
     await router.send(_wire.make(context_id, router.id, handle, obj))
+
+
+async def request_with_payload(context_id: int, size: int) -> str:
+    """Send a request of *size* bytes to any context; report a dead reply's reason."""
+    try:
+        await nursery_procs.current_router().request(context_id, 10, b"x" * size)
+    except nursery_procs.MessageUndeliverable as exc:
+        return exc.reason
+    return "delivered"

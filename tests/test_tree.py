@@ -183,3 +183,20 @@ async def test_add_route_from_a_grandchild_is_dropped(caplog: pytest.LogCaptureF
         assert await child.request("still up") == "still up"
         assert sup.context_by_id(999) is None
     assert any("not an immediate child" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_message_too_big_for_the_next_link_gets_a_dead_reply() -> None:
+    # The root's links take 64 KiB; the intermediary's own link to its child is
+    # bigger, so a grandchild can hand it a message the root would refuse.
+    policy = nursery_procs.Policy(max_message_size=64 * 1024)
+    async with nursery_procs.open_supervisor(policy=policy) as sup:
+        await _start_tree(sup, depth=1, fanout=1)
+        middle = sup.context_by_name("n")
+        leaf = sup.context_by_name("n.0")
+        assert middle is not None and leaf is not None
+        reason = await leaf.call(targets.request_with_payload, 0, 200 * 1024)
+        assert reason.startswith(f"could not forward to 0 at {middle.id}")
+        assert "over the link's limit" in reason
+        # Nothing else was disturbed.
+        assert await leaf.request("small") == "small"
+        assert await middle.request("fine") == "fine"
