@@ -22,7 +22,7 @@ import trio
 
 from ._context import Context
 from ._errors import ChildStartError, NurseryProcsError, WireError
-from ._process import Policy, signal_name
+from ._process import Policy, describe_exit
 from ._spec import Target, dump_target
 
 if TYPE_CHECKING:
@@ -497,7 +497,7 @@ class Pool:
             self.name,
             ctx.name,
             ctx.pid,
-            signal_name(ctx.returncode),
+            describe_exit(ctx.returncode),
         )
         # A child that dies before it is used counts as a failed start: a target
         # that exits at once is restarted with backoff, not in a loop. Deaths
@@ -612,7 +612,7 @@ class Pool:
                 session.ctx.name,
                 session.ctx.pid,
                 session.key,
-                signal_name(status),
+                describe_exit(status),
             )
             await self._close_session(session)
 

@@ -156,8 +156,9 @@ async def spawn(*, debug_sleep: float | None = None) -> Spawned:
     return Spawned(process, stream)
 
 
-def signal_name(returncode: int | None) -> str:
-    """``"SIGKILL"`` for -9, ``"exit status 3"`` for 3."""
+def describe_exit(returncode: int | None) -> str:
+    """Say how a process ended: ``"SIGKILL"`` for -9, ``"exit status 3"`` for 3,
+    ``"still running"`` for ``None``."""
     if returncode is None:
         return "still running"
     if returncode < 0:

@@ -29,9 +29,9 @@ from ._process import (
     DEBUG_SLEEP_ENV,
     Policy,
     Spawned,
+    describe_exit,
     escalate,
     kill_and_reap,
-    signal_name,
     spawn,
 )
 from ._router import ContextInfo, Route, Router
@@ -346,13 +346,13 @@ class Supervisor:
             times.popleft()
         if len(times) >= self.max_restarts:
             raise SupervisorError(
-                f"child {child.name!r} exited ({signal_name(child.returncode)}) after "
+                f"child {child.name!r} exited ({describe_exit(child.returncode)}) after "
                 f"{len(times)} restarts within {self.restart_window} s: giving up"
             )
         times.append(now)
         self._restarts_total += 1
         child.logger.warning(
-            "restarting child %r after it exited (%s)", child.name, signal_name(child.returncode)
+            "restarting child %r after it exited (%s)", child.name, describe_exit(child.returncode)
         )
 
     @asynccontextmanager
@@ -561,7 +561,7 @@ class Supervisor:
                 if not child.shutdown_sent or child.returncode not in (0, None):
                     child.logger.warning(
                         "child exited: %s",
-                        signal_name(child.returncode),
+                        describe_exit(child.returncode),
                         extra={"child_name": child.name, "child_pid": child.pid},
                     )
         outcome = child.outcome

@@ -837,10 +837,15 @@ class CollabServer:
                 doc.name,
                 ctx.name,
                 ctx.pid,
-                _exit_text(status),
+                nursery_procs.describe_exit(status),
             )
         else:
-            log.info("document %r closed (pid %s, %s)", doc.name, ctx.pid, _exit_text(status))
+            log.info(
+                "document %r closed (pid %s, %s)",
+                doc.name,
+                ctx.pid,
+                nursery_procs.describe_exit(status),
+            )
 
     def _dispatch(self, doc: _Document, message: Any) -> None:
         match message:
@@ -956,17 +961,6 @@ def _peer_name(stream: trio.SocketStream) -> str:
     if isinstance(address, tuple):
         return f"{address[0]}:{address[1]}"
     return str(address)
-
-
-def _exit_text(status: int | None) -> str:
-    if status is None:
-        return "still running"
-    if status < 0:
-        try:
-            return signal.Signals(-status).name
-        except ValueError:
-            return f"signal {-status}"
-    return f"exit status {status}"
 
 
 async def _open_control(
