@@ -48,7 +48,9 @@ async def test_children_exit_within_a_second_of_a_sigkilled_master(tmp_path: Pat
     try:
         master.kill()
         await master.wait()
-        with trio.fail_after(1.5):
+        # By design they are gone within about a second (link EOF, or the watchdog
+        # 0.5 s after the parent's death); the bound leaves room for a loaded machine.
+        with trio.fail_after(5):
             for pid in pids:
                 await wait_process_gone(pid)
     finally:

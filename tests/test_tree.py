@@ -149,7 +149,7 @@ async def test_sigkill_of_an_intermediary_fails_requests_and_leaves_no_orphan() 
             await trio.testing.wait_all_tasks_blocked()
             os.kill(middle.pid, signal.SIGKILL)
         assert len(failures) == 1
-        with trio.fail_after(3):
+        with trio.fail_after(10):  # about a second by design; room for a loaded machine
             for pid in leaf_pids:
                 await wait_process_gone(pid)
         assert all(sup.context_by_name(n) is None for n in ("n.0", "n.0.0", "n.0.1"))
