@@ -251,8 +251,10 @@ class Context:
             MessageUndeliverable: there is no route to it.
             WireError: *obj* cannot be pickled or is over the size limit.
 
-        **Cancellation:** if cancelled while the message is being written, the link
-        is closed (a half-written frame cannot be taken back).
+        **Cancellation:** if cancelled before any byte is written, nothing was sent
+        and the link is intact; if cancelled after part of the frame was written
+        (only possible when the socket is full), the link is closed, since a
+        half-written frame cannot be taken back.
         """
         self._check_alive()
         try:

@@ -189,8 +189,9 @@ class Link:
             LinkClosed: the link is closed or the stream broke (the link is then
                 closed with 1006).
 
-        **Cancellation:** if cancelled midway, the frame may be half written; the
-        link is then closed, since the byte stream is no longer in sync.
+        **Cancellation:** if cancelled before any byte is written, nothing was sent
+        and the link stays open. If cancelled after part of the frame was written,
+        the link is closed (1006), since the byte stream is no longer in step.
         """
         if self.close_code is not None:
             raise LinkClosed(self.close_code, self.close_reason)

@@ -911,6 +911,19 @@ async def test_cancelled_half_written_send_closes_the_link(our_role: str) -> Non
         assert info.value.code == 1006
 
 
+async def test_send_cancelled_before_writing_leaves_the_link_open(our_role: str) -> None:
+    async with open_raw("socket", our_role) as (link, peer):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await link.send(b"never sent")
+        assert scope.cancelled_caught
+        assert link.close_code is None
+        await link.send(b"sent")
+        await link.aclose()
+        sent = parse_frames(await read_to_eof(peer))
+        assert [f.payload for f in sent if f.opcode == BINARY] == [b"sent"]
+
+
 async def test_nothing_is_written_after_a_half_written_frame(our_role: str) -> None:
     size = 16 << 20
     async with open_raw("socket", our_role) as (link, peer):
