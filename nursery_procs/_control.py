@@ -32,6 +32,7 @@ import trio
 from . import _wire
 from ._context import Context, State
 from ._errors import LinkClosed, MessageUndeliverable, NurseryProcsError, WireError
+from ._groups import unwrap_sole_exception
 from ._wire import Handle
 
 if TYPE_CHECKING:
@@ -866,17 +867,10 @@ async def open_control(
     **Error handling:** an exception from the block propagates as itself, not
     wrapped in a group.
     """
-    from ._supervisor import _sole_exception
-
-    try:
+    with unwrap_sole_exception():
         async with trio.open_nursery() as nursery:
             bound: str = await nursery.start(partial(serve_control, supervisor, path, **options))
             try:
                 yield bound
             finally:
                 nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        only = _sole_exception(group)
-        if only is None:
-            raise
-        raise only from only.__cause__

@@ -22,6 +22,7 @@ import trio
 
 from ._context import Context
 from ._errors import ChildStartError, NurseryProcsError, WireError
+from ._groups import unwrap_sole_exception
 from ._process import Policy, describe_exit
 from ._spec import Target, dump_target
 
@@ -837,8 +838,6 @@ async def open_pool(
     are logged and replaced (with the same backoff). An exception from the
     block propagates as itself, not wrapped in a group.
     """
-    from ._supervisor import _sole_exception
-
     _check_settings(
         spare=spare,
         max=max,
@@ -870,7 +869,7 @@ async def open_pool(
     if name in supervisor.pools:
         raise ValueError(f"name: this supervisor already has a pool named {name!r}")
     supervisor.pools[name] = pool
-    try:
+    with unwrap_sole_exception():
         async with trio.open_nursery() as nursery:
             pool._nursery = nursery
             await nursery.start(pool._maintain)
@@ -881,8 +880,3 @@ async def open_pool(
                     await pool._shutdown()
                 nursery.cancel_scope.cancel()
                 supervisor.pools.pop(name, None)
-    except BaseExceptionGroup as group:
-        only = _sole_exception(group)
-        if only is None:
-            raise
-        raise only from only.__cause__

@@ -24,6 +24,7 @@ from ._errors import (
     SupervisorError,
     WireError,
 )
+from ._groups import unwrap_sole_exception
 from ._link import Link, accept_link
 from ._process import (
     DEBUG_SLEEP_ENV,
@@ -681,7 +682,7 @@ async def open_supervisor(
     router = current_router()
     if not siblings_may_talk:
         router.siblings_may_talk = False
-    try:
+    with unwrap_sole_exception():
         async with trio.open_nursery() as nursery:
             supervisor = Supervisor(
                 nursery,
@@ -699,18 +700,3 @@ async def open_supervisor(
                     await supervisor._close_all()
                 supervisor._closed = True
                 supervisor._service_done.set()
-    except BaseExceptionGroup as group:
-        only = _sole_exception(group)
-        if only is None:
-            raise
-        raise only from only.__cause__
-
-
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one leaf of nested single-member groups, or ``None``."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc

@@ -19,14 +19,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import attrs
 import trio
 import trio_websocket
 
+from nursery_procs._groups import unwrap_sole_exception
 from nursery_procs.testing import wait_process_gone
 
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
@@ -386,17 +387,6 @@ def chromium_args(chromium: str, profile_dir: str) -> list[str]:
     ]
 
 
-@contextmanager
-def _unwrap_single_error() -> Iterator[None]:
-    """Our nursery is an implementation detail: let the caller's own exception through."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-
-
 @asynccontextmanager
 async def open_browser(*, chromium: str = DEFAULT_CHROMIUM) -> AsyncIterator[Browser]:
     """Start a headless Chromium with a fresh profile and yield a :class:`Browser`.
@@ -429,7 +419,7 @@ async def open_browser(*, chromium: str = DEFAULT_CHROMIUM) -> AsyncIterator[Bro
             assert process.stderr is not None
             lines = _Lines(process.stderr)
             ws_url = await _devtools_url(lines)
-            with _unwrap_single_error():
+            with unwrap_sole_exception():
                 async with trio.open_nursery() as nursery:
                     # the pipe must keep draining, or a chatty browser blocks on a full pipe
                     nursery.start_soon(_discard, lines)

@@ -8,8 +8,8 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -34,21 +34,12 @@ from examples.collab.server import (
     Settings,
     serve,
 )
+from nursery_procs._groups import unwrap_sole_exception
 
 from .yclient import YClient, connect, open_socket, tokens
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 30
-
-
-@contextmanager
-def _unwrap_single_error() -> Iterator[None]:
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
 
 
 @asynccontextmanager
@@ -57,7 +48,7 @@ async def running(tmp_path: Path, **options: Any) -> AsyncIterator[CollabServer]
     options.setdefault("spare", 1)
     options.setdefault("linger", 0.2)
     settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", **options)
-    with _unwrap_single_error():
+    with unwrap_sole_exception():
         async with trio.open_nursery() as nursery:
             server: CollabServer = await nursery.start(serve, settings)
             try:
@@ -262,7 +253,7 @@ async def server_process(tmp_path: Path, *args: str) -> AsyncIterator[tuple[trio
                 match = re.search(rb"serving on http://127\.0\.0\.1:(\d+)/", buffer)
                 if match:
                     port = int(match.group(1))
-        with _unwrap_single_error():
+        with unwrap_sole_exception():
             async with trio.open_nursery() as nursery:
 
                 async def drain() -> None:

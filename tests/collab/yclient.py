@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -27,6 +27,8 @@ from pycrdt import (
     handle_sync_message,
     read_message,
 )
+
+from nursery_procs._groups import unwrap_sole_exception
 
 MESSAGE_SYNC = 0
 MESSAGE_AWARENESS = 1
@@ -164,7 +166,7 @@ async def open_socket(
     resource = parts.path + (f"?{parts.query}" if parts.query else "")
     stream = await trio.open_tcp_stream(parts.hostname, parts.port)
     try:
-        with _unwrap_single_error():
+        with unwrap_sole_exception():
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(10):
                     ws = await trio_websocket.wrap_client_stream(
@@ -204,7 +206,7 @@ async def connect(
     """
     async with open_socket(url, max_message_size=max_message_size) as ws:
         client = YClient(ws, doc if doc is not None else Doc())
-        with _unwrap_single_error():
+        with unwrap_sole_exception():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._run)
                 try:
@@ -218,14 +220,3 @@ async def connect(
                     yield client
                 finally:
                     nursery.cancel_scope.cancel()
-
-
-@contextmanager
-def _unwrap_single_error() -> Iterator[None]:
-    """Let an exception from the caller's block through as itself, not in a group."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
