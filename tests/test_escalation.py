@@ -8,10 +8,9 @@ import pytest
 import trio
 import trio.testing
 
-import nursery_procs
 from nursery_procs import ChildStartError, Policy, State
 from nursery_procs._process import escalate
-from nursery_procs.testing import FakeBehaviour, FakeProcess, fake_spawner
+from nursery_procs.testing import FakeBehaviour, FakeProcess, open_fake_supervisor
 
 POLICY = Policy(grace_period=5.0, kill_after=3.0, ready_timeout=10.0)
 
@@ -36,13 +35,7 @@ async def test_aclose_escalates_on_schedule(
     signals: list[tuple[int, float]],
     elapsed: float,
 ) -> None:
-    processes: list[FakeProcess] = []
-    async with (
-        trio.open_nursery() as fakes,
-        nursery_procs.open_supervisor(
-            policy=POLICY, spawner=fake_spawner(fakes, behaviour, processes)
-        ) as sup,
-    ):
+    async with open_fake_supervisor(behaviour, policy=POLICY) as (sup, processes):
         ctx = await sup.start_child(None, name="fake")
         assert ctx.state is State.READY
         start = trio.current_time()
@@ -58,12 +51,9 @@ async def test_aclose_escalates_on_schedule(
 async def test_aclose_completes_when_the_caller_is_cancelled(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    processes: list[FakeProcess] = []
-    async with (
-        trio.open_nursery() as fakes,
-        nursery_procs.open_supervisor(
-            policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.IGNORE_SIGTERM, processes)
-        ) as sup,
+    async with open_fake_supervisor(FakeBehaviour.IGNORE_SIGTERM, policy=POLICY) as (
+        sup,
+        _processes,
     ):
         ctx = await sup.start_child(None)
         start = trio.current_time()
@@ -78,12 +68,9 @@ async def test_aclose_completes_when_the_caller_is_cancelled(
 async def test_concurrent_aclose_calls_share_one_escalation(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    processes: list[FakeProcess] = []
-    async with (
-        trio.open_nursery() as fakes,
-        nursery_procs.open_supervisor(
-            policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.IGNORE_SHUTDOWN, processes)
-        ) as sup,
+    async with open_fake_supervisor(FakeBehaviour.IGNORE_SHUTDOWN, policy=POLICY) as (
+        sup,
+        processes,
     ):
         ctx = await sup.start_child(None)
         async with trio.open_nursery() as closers:
@@ -95,44 +82,33 @@ async def test_concurrent_aclose_calls_share_one_escalation(
 async def test_leaving_the_supervisor_escalates_every_child_concurrently(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    processes: list[FakeProcess] = []
-    async with trio.open_nursery() as fakes:
+    async with open_fake_supervisor(FakeBehaviour.IGNORE_SIGTERM, policy=POLICY) as (
+        sup,
+        processes,
+    ):
+        for i in range(5):
+            await sup.start_child(None, name=f"stubborn-{i}")
         start = trio.current_time()
-        async with nursery_procs.open_supervisor(
-            policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.IGNORE_SIGTERM, processes)
-        ) as sup:
-            for i in range(5):
-                await sup.start_child(None, name=f"stubborn-{i}")
-            start = trio.current_time()
-        # Five children, each needing 8 s, were escalated side by side.
-        assert trio.current_time() - start == 8.0
-        assert all(p.returncode == -signal.SIGKILL for p in processes)
+    # Five children, each needing 8 s, were escalated side by side.
+    assert trio.current_time() - start == 8.0
+    assert all(p.returncode == -signal.SIGKILL for p in processes)
 
 
 async def test_cancelling_the_supervisor_scope_still_shuts_children_down_gracefully(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     processes: list[FakeProcess] = []
-    async with trio.open_nursery() as fakes:
-        with trio.move_on_after(1.0):
-            async with nursery_procs.open_supervisor(
-                policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.OBEY, processes)
-            ) as sup:
-                for _ in range(3):
-                    await sup.start_child(None)
-                await trio.sleep_forever()
-        assert [p.returncode for p in processes] == [0, 0, 0]
-        assert all(p.signals == [] for p in processes)
+    with trio.move_on_after(1.0):
+        async with open_fake_supervisor(FakeBehaviour.OBEY, policy=POLICY) as (sup, processes):
+            for _ in range(3):
+                await sup.start_child(None)
+            await trio.sleep_forever()
+    assert [p.returncode for p in processes] == [0, 0, 0]
+    assert all(p.signals == [] for p in processes)
 
 
 async def test_ready_timeout_kills_a_hung_child(autojump_clock: trio.testing.MockClock) -> None:
-    processes: list[FakeProcess] = []
-    async with (
-        trio.open_nursery() as fakes,
-        nursery_procs.open_supervisor(
-            policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.HANG_ON_BOOT, processes)
-        ) as sup,
-    ):
+    async with open_fake_supervisor(FakeBehaviour.HANG_ON_BOOT, policy=POLICY) as (sup, _processes):
         start = trio.current_time()
         with pytest.raises(ChildStartError, match=r"not ready within 10\.0 s") as info:
             await sup.start_child(None, name="hung")
@@ -144,13 +120,7 @@ async def test_ready_timeout_kills_a_hung_child(autojump_clock: trio.testing.Moc
 async def test_debug_sleep_extends_the_ready_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    processes: list[FakeProcess] = []
-    async with (
-        trio.open_nursery() as fakes,
-        nursery_procs.open_supervisor(
-            policy=POLICY, spawner=fake_spawner(fakes, FakeBehaviour.HANG_ON_BOOT, processes)
-        ) as sup,
-    ):
+    async with open_fake_supervisor(FakeBehaviour.HANG_ON_BOOT, policy=POLICY) as (sup, _processes):
         start = trio.current_time()
         with pytest.raises(ChildStartError, match=r"not ready within 40\.0 s"):
             await sup.start_child(None, debug_sleep=30.0)

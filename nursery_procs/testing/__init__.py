@@ -11,6 +11,7 @@
 from ._fakes import FakeBehaviour as FakeBehaviour
 from ._fakes import FakeProcess as FakeProcess
 from ._fakes import fake_spawner as fake_spawner
+from ._fakes import open_fake_supervisor as open_fake_supervisor
 from ._leaks import LeakReport as LeakReport
 from ._leaks import Snapshot as Snapshot
 from ._waits import wait_process_gone as wait_process_gone

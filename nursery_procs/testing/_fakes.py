@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 import itertools
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import trio
@@ -18,8 +20,10 @@ import trio.testing
 
 from .. import _wire
 from .._errors import HandshakeError, LinkClosed
+from .._groups import unwrap_sole_exception
 from .._link import CLOSE_NORMAL, connect_link
 from .._process import Spawned
+from .._supervisor import Supervisor, open_supervisor
 from .._wire import Handle
 
 _pids = itertools.count(900_000)
@@ -151,3 +155,38 @@ async def _fake_child_protocol(stream: trio.abc.Stream, process: FakeProcess) ->
             await link.send(_wire.pack(_wire.make(parent, me, Handle.RESULT, (True, None))))
             await link.aclose(CLOSE_NORMAL, "fake child exiting")
             return
+
+
+@asynccontextmanager
+async def open_fake_supervisor(
+    behaviour: FakeBehaviour = FakeBehaviour.OBEY,
+    *,
+    lifetime: float = 0.0,
+    **options: Any,
+) -> AsyncIterator[tuple[Supervisor, list[FakeProcess]]]:
+    """:func:`open_supervisor` whose children are fakes, and the list of their processes.
+
+    *options* go to :func:`open_supervisor` (``policy``, ``max_restarts``, ...).
+    Meant for ``autojump_clock`` tests of timing policy. An exception from the
+    block (or from the supervisor) propagates as itself.
+    """
+    processes: list[FakeProcess] = []
+    done = trio.Event()
+
+    async def host(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+        # Like real processes, fakes are not cancelled by the test's scopes: the
+        # supervisor has to shut them down.
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as fakes:
+                task_status.started(fakes)
+                await done.wait()
+
+    with unwrap_sole_exception():
+        async with trio.open_nursery() as outer:
+            fakes: trio.Nursery = await outer.start(host)
+            try:
+                spawner = fake_spawner(fakes, behaviour, processes, lifetime=lifetime)
+                async with open_supervisor(spawner=spawner, **options) as supervisor:
+                    yield supervisor, processes
+            finally:
+                done.set()
