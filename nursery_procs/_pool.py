@@ -319,11 +319,8 @@ class Pool:
         If the child died while taken, its users' calls raise
         :class:`ContextDied`; the pool needs nothing more.
         """
-        ctx = await self._acquire(wait=True)
-        try:
+        async with self._taken(wait=True) as ctx:
             yield ctx
-        finally:
-            await self._give_back(ctx)
 
     @asynccontextmanager
     async def take_nowait(self) -> AsyncIterator[Context]:
@@ -340,7 +337,12 @@ class Pool:
 
         **Error handling:** as for :meth:`take`.
         """
-        ctx = await self._acquire(wait=False)
+        async with self._taken(wait=False) as ctx:
+            yield ctx
+
+    @asynccontextmanager
+    async def _taken(self, *, wait: bool) -> AsyncIterator[Context]:
+        ctx = await self._acquire(wait=wait)
         try:
             yield ctx
         finally:
