@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
@@ -18,6 +22,24 @@ def tests(session: nox.Session) -> None:
     """The test suite (real child processes; browser tests need Chromium)."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """Build the sdist and the wheel, install the wheel (not editable) into a fresh
+    venv, and run a small user project's tests against it."""
+    session.install("build")
+    dist = Path(tempfile.mkdtemp(prefix="nursery-procs-dist-"))
+    session.run("python", "-m", "build", "--outdir", str(dist), ".")
+    (wheel_file,) = dist.glob("*.whl")
+    assert len(list(dist.glob("*.tar.gz"))) == 1, "no sdist was built"
+    session.install(str(wheel_file), "pytest>=8", "pytest-trio>=0.8")
+    project = Path(tempfile.mkdtemp(prefix="nursery-procs-user-"))
+    shutil.copytree("tests/userproject", project, dirs_exist_ok=True)
+    shutil.copy("README.md", project / "README.md")
+    with session.chdir(project):
+        session.run("nursery-procs", "--version")
+        session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 project = "nursery_procs"
 author = "the nursery_procs authors"
 copyright = "2026, the nursery_procs authors"
-release = "0.1.0.dev0"
+from nursery_procs import __version__ as release  # noqa: E402
 
 extensions = [
     "sphinx.ext.autodoc",

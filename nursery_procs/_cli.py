@@ -2,6 +2,7 @@
 
 Usage::
 
+    nursery-procs --version
     nursery-procs [--socket PATH] [--json] status
     nursery-procs tree
     nursery-procs stop NAME
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from typing import Any, Final, TextIO
 
 import h11
+
+from . import __version__
 
 #: The environment variable holding the default control socket path.
 SOCKET_ENV: Final = "NURSERY_PROCS_CONTROL"
@@ -306,6 +309,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 ok, 1 the server answered an error, 2 usage error, "
         "3 no socket file, 4 the socket refuses connections, 5 no proper answer",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("status", parents=[common], help="uptime, counts and statistics")
     commands.add_parser("tree", parents=[common], help="the tree of contexts, like pstree")

@@ -53,7 +53,7 @@ case "$command" in
         ;;
     check)
         setup dev
-        exec "$VENV/bin/nox" --no-error-on-missing-interpreters -s lint typecheck docs
+        exec "$VENV/bin/nox" --no-error-on-missing-interpreters -s lint typecheck docs wheel
         ;;
     bench)
         setup dev
