@@ -7,9 +7,7 @@ SIGKILL, and reaped.
 
 from ._context import Context as Context
 from ._context import ContextStatistics as ContextStatistics
-from ._context import State as State
 from ._context import context_by_id as context_by_id
-from ._context import current_router as current_router
 from ._context import in_child as in_child
 from ._context import parent as parent
 from ._context import serve_requests as serve_requests
@@ -27,6 +25,7 @@ from ._errors import RemoteError as RemoteError
 from ._errors import SupervisorError as SupervisorError
 from ._errors import WireError as WireError
 from ._forward import forward as forward
+from ._lifecycle import State as State
 from ._link import Link as Link
 from ._link import accept_link as accept_link
 from ._link import connect_link as connect_link
@@ -38,6 +37,7 @@ from ._pool import open_pool as open_pool
 from ._process import DEBUG_SLEEP_ENV as DEBUG_SLEEP_ENV
 from ._process import Policy as Policy
 from ._process import describe_exit as describe_exit
+from ._router import current_router as current_router
 from ._supervisor import Restart as Restart
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics

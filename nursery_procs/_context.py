@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -12,39 +11,14 @@ import trio
 
 from . import _wire
 from ._errors import ContextDied, LinkClosed, MessageUndeliverable, WireError
-from ._router import ANY_SOURCE, ROOT_ID, Router
+from ._lifecycle import State
+from ._router import ANY_SOURCE, Router, current_router
 from ._wire import Handle
 
 if TYPE_CHECKING:
     from ._supervisor import _Child
 
-_ROUTER: trio.lowlevel.RunVar[Router] = trio.lowlevel.RunVar("nursery_procs.router")
 _PARENT: trio.lowlevel.RunVar[Context] = trio.lowlevel.RunVar("nursery_procs.parent")
-
-
-class State(enum.Enum):
-    """Where a context is in its life."""
-
-    #: The process is being started.
-    SPAWNING = "spawning"
-    #: The link is up and the bootstrap sent; the child is loading its target.
-    CREATED = "created"
-    #: The child said it is ready; its target is running.
-    READY = "ready"
-    #: Shutdown has begun (SHUTDOWN sent, or the link closed).
-    STOPPING = "stopping"
-    #: The process has exited and been reaped.
-    EXITED = "exited"
-
-
-def current_router() -> Router:
-    """This process's router (the root router, id 0, unless this is a child)."""
-    try:
-        return _ROUTER.get()
-    except LookupError:
-        router = Router(ROOT_ID, "root")
-        _ROUTER.set(router)
-        return router
 
 
 def parent() -> Context:

@@ -23,21 +23,20 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import attrs
 import h11
 import trio
 
 from . import _wire
-from ._context import Context, State
+from ._context import Context
 from ._errors import LinkClosed, MessageUndeliverable, NurseryProcsError, WireError
 from ._groups import unwrap_sole_exception
+from ._lifecycle import State
+from ._pool import Pool, PoolClosed, pools_of
+from ._supervisor import Supervisor
 from ._wire import Handle
-
-if TYPE_CHECKING:
-    from ._pool import Pool
-    from ._supervisor import Supervisor
 
 log = logging.getLogger("nursery_procs.control")
 
@@ -339,7 +338,7 @@ def _status(supervisor: Supervisor) -> dict[str, Any]:
         "counts": {
             "contexts": by_state,
             "contexts_total": len(nodes),
-            "pools": len(supervisor.pools),
+            "pools": len(pools_of(supervisor)),
         },
         "statistics": attrs.asdict(supervisor.statistics()),
     }
@@ -667,19 +666,18 @@ class _Server:
         return _Reply(202, data)
 
     def _pool(self, name: str) -> Pool:
-        pool = self.supervisor.pools.get(name)
+        pool = pools_of(self.supervisor).get(name)
         if pool is None:
             raise _HTTPError(404, f"no pool named {name!r}")
         return pool
 
     async def _get_pools(self, name: str | None = None, body: bytes = b"") -> _Reply:
         if name is None:
-            pools = [_pool_data(pool) for _, pool in sorted(self.supervisor.pools.items())]
+            pools = [_pool_data(pool) for _, pool in sorted(pools_of(self.supervisor).items())]
             return _Reply(200, {"pools": pools})
         return _Reply(200, _pool_data(self._pool(name)))
 
     async def _put_pools(self, name: str, body: bytes) -> _Reply:
-        from ._pool import PoolClosed
 
         pool = self._pool(name)
         settings = _parse_json(body)

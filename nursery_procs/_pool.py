@@ -13,9 +13,11 @@ import collections
 import logging
 import math
 import statistics as _statistics
-from collections.abc import AsyncIterator, Hashable
+import weakref
+from collections.abc import AsyncIterator, Hashable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType as MappingProxy
+from typing import Any
 
 import attrs
 import trio
@@ -25,9 +27,7 @@ from ._errors import ChildStartError, NurseryProcsError, WireError
 from ._groups import unwrap_sole_exception
 from ._process import Policy, describe_exit
 from ._spec import Target, dump_target
-
-if TYPE_CHECKING:
-    from ._supervisor import Supervisor
+from ._supervisor import Supervisor
 
 log = logging.getLogger("nursery_procs.pool")
 
@@ -786,6 +786,19 @@ def _max_of(a: int, b: int) -> int:
     return a if a > b else b
 
 
+#: The open pools of each supervisor, by name (the control API lists them).
+_POOLS: weakref.WeakKeyDictionary[Supervisor, dict[str, Pool]] = weakref.WeakKeyDictionary()
+
+
+def _registry(supervisor: Supervisor) -> dict[str, Pool]:
+    return _POOLS.setdefault(supervisor, {})
+
+
+def pools_of(supervisor: Supervisor) -> Mapping[str, Pool]:
+    """The open pools of *supervisor*, by name (a read-only view)."""
+    return MappingProxy(_registry(supervisor))
+
+
 @asynccontextmanager
 async def open_pool(
     supervisor: Supervisor,
@@ -852,7 +865,7 @@ async def open_pool(
     if name is None:
         name = "pool"
         serial = 1
-        while name in supervisor.pools:
+        while name in _registry(supervisor):
             serial += 1
             name = f"pool-{serial}"
     pool = Pool(
@@ -868,9 +881,9 @@ async def open_pool(
         backoff_max=backoff_max,
         policy=policy,
     )
-    if name in supervisor.pools:
+    if name in _registry(supervisor):
         raise ValueError(f"name: this supervisor already has a pool named {name!r}")
-    supervisor.pools[name] = pool
+    _registry(supervisor)[name] = pool
     with unwrap_sole_exception():
         async with trio.open_nursery() as nursery:
             pool._nursery = nursery
@@ -881,4 +894,4 @@ async def open_pool(
                 with trio.CancelScope(shield=True):
                     await pool._shutdown()
                 nursery.cancel_scope.cancel()
-                supervisor.pools.pop(name, None)
+                _registry(supervisor).pop(name, None)

@@ -35,6 +35,7 @@ log = logging.getLogger("nursery_procs.router")
 ROOT_ID = 0
 #: ``serve_requests`` key for a server answering requests from every context.
 ANY_SOURCE = -1
+_ROUTER: trio.lowlevel.RunVar[Router] = trio.lowlevel.RunVar("nursery_procs.router")
 _CHILD_CONTROL = frozenset((Handle.RESULT, Handle.LOG, Handle.READY))
 #: How many ids the root hands out at once to a context that starts children.
 ID_BLOCK_SIZE = 64
@@ -106,6 +107,16 @@ def outcome_of(exc: BaseException) -> RemoteError:
         else f"{kind.__module__}.{kind.__qualname__}"
     )
     return RemoteError(name, str(exc), "".join(traceback.format_exception(exc)))
+
+
+def current_router() -> Router:
+    """This process's router (the root router, id 0, unless this is a child)."""
+    try:
+        return _ROUTER.get()
+    except LookupError:
+        router = Router(ROOT_ID, "root")
+        _ROUTER.set(router)
+        return router
 
 
 class Router:

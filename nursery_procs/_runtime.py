@@ -29,11 +29,11 @@ from typing import Any, NoReturn
 import trio
 
 from . import _wire
-from ._context import _PARENT, _ROUTER, parent_context
+from ._context import _PARENT, parent_context
 from ._errors import LinkClosed, WireError
 from ._link import CLOSE_NORMAL, Link, connect_link
 from ._process import DEBUG_SLEEP_ENV
-from ._router import Route, Router, outcome_of
+from ._router import _ROUTER, Route, Router, outcome_of
 from ._spec import Bootstrap, load_main_module, resolve
 from ._stdio import ForwardingHandler
 from ._wire import Handle, Message

@@ -9,13 +9,13 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
 
 from . import _wire
-from ._context import Context, State, current_router
+from ._context import Context
 from ._errors import (
     ChildStartError,
     ContextDied,
@@ -25,6 +25,7 @@ from ._errors import (
     WireError,
 )
 from ._groups import unwrap_sole_exception
+from ._lifecycle import State
 from ._link import Link, accept_link
 from ._process import (
     DEBUG_SLEEP_ENV,
@@ -35,13 +36,10 @@ from ._process import (
     kill_and_reap,
     spawn,
 )
-from ._router import ContextInfo, Route, Router
+from ._router import ContextInfo, Route, Router, current_router
 from ._spec import Bootstrap, Target, dump_target, main_module_spec
 from ._stdio import child_logger, emit, new_tail, pump_lines
 from ._wire import Handle, Message
-
-if TYPE_CHECKING:
-    from ._pool import Pool
 
 log = logging.getLogger("nursery_procs.supervisor")
 
@@ -204,8 +202,6 @@ class Supervisor:
         self._router = router
         self.policy = policy
         self._children: dict[int, _Child] = {}
-        #: Open pools by name (see :meth:`open_pool`).
-        self.pools: dict[str, Pool] = {}
         self.started_at = trio.current_time()
         self._closed = False
         self._started_total = 0
@@ -366,28 +362,6 @@ class Supervisor:
             yield ctx
         finally:
             await ctx.aclose()
-
-    def open_pool(self, target: Target = None, *args: Any, **options: Any) -> Any:
-        """Open a pool of prespawned children of this supervisor (see :func:`open_pool`)."""
-        from ._pool import open_pool
-
-        return open_pool(self, target, *args, **options)
-
-    async def serve_control(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-        **options: Any,
-    ) -> None:
-        """Serve the control API on a Unix socket at *path* (see :func:`serve_control`).
-
-        Use ``await nursery.start(sup.serve_control, path)``: it returns once the
-        socket file exists and accepts connections.
-        """
-        from ._control import serve_control
-
-        await serve_control(self, path, task_status=task_status, **options)
 
     # -- one child's life ------------------------------------------------
 

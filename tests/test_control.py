@@ -25,6 +25,7 @@ import trio
 import nursery_procs
 from nursery_procs import _cli, _control
 from nursery_procs._control import ControlSocketBusy, open_control, serve_control
+from nursery_procs._pool import open_pool
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 needs_curl = pytest.mark.skipif(not os.path.exists(CURL), reason="curl is not installed")
@@ -168,7 +169,7 @@ def walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
 async def test_status_contexts_and_pools_with_curl(sock_path: str) -> None:
     async with serving(sock_path) as sup:
         notes = await sup.start_child(None, name="doc/notes")
-        async with sup.open_pool(None, name="worker", spare=1, max=4) as pool:
+        async with open_pool(sup, None, name="worker", spare=1, max=4) as pool:
             await pool.wait_idle()
 
             status = await curl(sock_path, "/status")
@@ -534,7 +535,7 @@ async def test_error_answers_are_json_and_the_server_keeps_going(
 ) -> None:
     async with serving(sock_path) as sup:
         ctx = await sup.start_child(None, name="survivor")
-        async with sup.open_pool(None, name="worker", spare=0, max=2) as pool:
+        async with open_pool(sup, None, name="worker", spare=0, max=2) as pool:
             unknown = await curl(sock_path, "/nope")
             assert unknown.status == 404
             assert unknown.body == {"error": "unknown path '/nope'"}
@@ -666,7 +667,7 @@ async def test_connections_over_the_limit_get_503(sock_path: str) -> None:
 async def test_cli_against_a_live_server(sock_path: str, sock_dir: str) -> None:
     async with serving(sock_path) as sup:
         notes = await sup.start_child(None, name="doc/notes")
-        async with sup.open_pool(None, name="worker", spare=1, max=3) as pool:
+        async with open_pool(sup, None, name="worker", spare=1, max=3) as pool:
             await pool.wait_idle()
 
             status = await cli("--socket", sock_path, "status")
@@ -788,15 +789,3 @@ async def test_children_have_a_process_title() -> None:
         title = cmdline.replace(b"\0", b" ").strip()
         assert title == b"nursery_procs: title-check", cmdline
         await ctx.aclose()
-
-
-@pytest.mark.skipif(
-    not hasattr(nursery_procs.Supervisor, "serve_control"),
-    reason="Supervisor.serve_control is not available",
-)
-async def test_supervisor_serve_control_delegates(sock_path: str) -> None:
-    async with nursery_procs.open_supervisor() as sup, trio.open_nursery() as nursery:
-        assert await nursery.start(sup.serve_control, sock_path) == sock_path
-        assert (await ask(sock_path))[1]["pid"] == os.getpid()
-        nursery.cancel_scope.cancel()
-    assert not exists(sock_path)

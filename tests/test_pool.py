@@ -502,7 +502,7 @@ async def test_session_child_death(autojump_clock: trio.abc.Clock) -> None:
 async def test_real_take_and_refill() -> None:
     async with (
         nursery_procs.open_supervisor() as sup,
-        sup.open_pool(None, spare=2, max=4, name="real") as pool,
+        open_pool(sup, None, spare=2, max=4, name="real") as pool,
     ):
         with trio.fail_after(60):
             await pool.wait_idle()
@@ -519,7 +519,7 @@ async def test_real_take_and_refill() -> None:
 async def test_real_sessions_share_by_key() -> None:
     async with (
         nursery_procs.open_supervisor() as sup,
-        sup.open_pool(None, spare=2, max=6, name="docs") as pool,
+        open_pool(sup, None, spare=2, max=6, name="docs") as pool,
     ):
         pids: dict[str, list[int]] = {"doc": [], "other": []}
         all_in = trio.Event()
@@ -547,7 +547,7 @@ async def test_real_sessions_share_by_key() -> None:
 async def test_real_session_child_killed() -> None:
     async with (
         nursery_procs.open_supervisor() as sup,
-        sup.open_pool(None, spare=1, max=4, linger=30) as pool,
+        open_pool(sup, None, spare=1, max=4, linger=30) as pool,
     ):
         with trio.fail_after(60):
             async with pool.session("doc") as ctx:
@@ -573,7 +573,7 @@ async def test_real_session_child_killed() -> None:
 
 
 async def test_real_idle_child_killed_is_replaced() -> None:
-    async with nursery_procs.open_supervisor() as sup, sup.open_pool(None, spare=2, max=4) as pool:
+    async with nursery_procs.open_supervisor() as sup, open_pool(sup, None, spare=2, max=4) as pool:
         with trio.fail_after(60):
             await pool.wait_idle()
             victim = pool.idle_children[0]
@@ -587,7 +587,7 @@ async def test_real_idle_child_killed_is_replaced() -> None:
 
 
 async def test_real_close_while_starting() -> None:
-    async with nursery_procs.open_supervisor() as sup, sup.open_pool(None, spare=2, max=4) as pool:
+    async with nursery_procs.open_supervisor() as sup, open_pool(sup, None, spare=2, max=4) as pool:
         assert pool.statistics().starting == 2
     stats = pool.statistics()
     assert stats.total_spawned == 0

@@ -431,7 +431,8 @@ class CollabServer:
             async with trio.open_nursery() as docs_nursery:
                 self._docs_nursery = docs_nursery
                 async with (
-                    supervisor.open_pool(
+                    nursery_procs.open_pool(
+                        supervisor,
                         serve_pooled_document,
                         name="collab",
                         spare=settings.spare,
