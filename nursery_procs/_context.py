@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
 
 from . import _wire
 from ._errors import ContextDied, LinkClosed, MessageUndeliverable, WireError
-from ._lifecycle import State
+from ._lifecycle import Lifecycle, Lineage, State
 from ._router import ANY_SOURCE, Router, current_router
 from ._wire import Handle
 
-if TYPE_CHECKING:
-    from ._supervisor import _Child
-
 _PARENT: trio.lowlevel.RunVar[Context] = trio.lowlevel.RunVar("nursery_procs.parent")
+#: The contexts this process started and still owns, by id.
+_OWNED: trio.lowlevel.RunVar[dict[int, Context]] = trio.lowlevel.RunVar("nursery_procs.owned")
 
 
 def parent() -> Context:
@@ -33,18 +32,39 @@ def parent() -> Context:
         raise RuntimeError("this process is not a nursery_procs child: it has no parent") from None
 
 
+def owned_contexts() -> dict[int, Context]:
+    """The contexts this process started and still owns (the supervisors add and
+    remove them)."""
+    try:
+        return _OWNED.get()
+    except LookupError:
+        owned: dict[int, Context] = {}
+        _OWNED.set(owned)
+        return owned
+
+
 def context_by_id(context_id: int) -> Context:
     """A handle for messaging any context by id, from anywhere in the tree.
 
-    The name is known if the context is below this one; messages to a context
-    that does not exist get dead replies.
+    For a child this process started, the handle is the one :meth:`start_child`
+    returned. The name is known if the context is below this one; messages to a
+    context that does not exist get dead replies.
     """
+    owned = owned_contexts().get(context_id)
+    if owned is not None:
+        return owned
     router = current_router()
+    if router.parent_route is not None and context_id == router.parent_route.peer_id:
+        return parent()
+    return _remote_context(router, context_id)
+
+
+def _remote_context(router: Router, context_id: int) -> Context:
     info = router.directory.get(context_id)
     name = info.name if info is not None else f"context-{context_id}"
     parent_id = info.parent_id if info is not None else None
     pid = info.pid if info is not None else None
-    return Context(context_id, name, parent_id, router, None, pid)
+    return Context(context_id, name, parent_id, router, _Remote(router, context_id, pid))
 
 
 async def serve_requests(handler: Callable[[Any], Awaitable[Any] | Any]) -> None:
@@ -95,6 +115,117 @@ class ContextStatistics:
     uptime: float
 
 
+class _Peer(Protocol):
+    """What a :class:`Context` handle knows about the context it points at, and how
+    it closes it: a child this process owns, its parent, or another context."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def life(self) -> Lifecycle | None:
+        """The current incarnation, for a child this process owns."""
+
+    async def aclose(self) -> None: ...
+
+
+@attrs.define(eq=False)
+class OwnedChild:
+    """A direct child this process started: its incarnations and how to stop it.
+
+    The supervisor's runner writes the :class:`Lifecycle`; everything else reads it.
+    """
+
+    context_id: int
+    router: Router
+    lineage: Lineage
+
+    @property
+    def life(self) -> Lifecycle:
+        return self.lineage.current
+
+    @property
+    def pid(self) -> int | None:
+        return self.life.pid
+
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+    async def send_shutdown(self) -> None:
+        """Send SHUTDOWN once to the current incarnation (a closed link is fine:
+        the child is going anyway)."""
+        life = self.life
+        if life.shutdown_sent or life.state in (State.SPAWNING, State.EXITED):
+            return
+        life.note(shutdown_sent=True)
+        router = self.router
+        try:
+            await router.send(_wire.make(self.context_id, router.id, Handle.SHUTDOWN, None))
+        except (LinkClosed, WireError):
+            pass
+
+    @trio.lowlevel.enable_ki_protection
+    async def aclose(self) -> None:
+        """Ask for a graceful stop and wait until reaped (shielded, bounded)."""
+        life = self.life
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + life.policy.close_deadline
+            await self.send_shutdown()
+            life.note(stop_requested=True)
+            await life.wait_for_state(State.EXITED)
+
+
+@attrs.define(eq=False)
+class _Remote:
+    """A context deeper in the tree (or elsewhere): known through the router only."""
+
+    router: Router
+    context_id: int
+    pid: int | None
+    life: None = None
+
+    @property
+    def state(self) -> State:
+        router = self.router
+        if self.context_id == router.id or router.knows(self.context_id):
+            return State.READY
+        return State.EXITED
+
+    async def aclose(self) -> None:
+        """SHUTDOWN through the tree, then wait until its parent has reaped it and
+        withdrawn its route (shielded)."""
+        router = self.router
+        if not router.knows(self.context_id):
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await router.send(_wire.make(self.context_id, router.id, Handle.SHUTDOWN, None))
+            except (LinkClosed, WireError, MessageUndeliverable):
+                return
+            await router.wait_gone(self.context_id)
+
+
+@attrs.define(eq=False)
+class _Parent:
+    """This child's parent, reached over the upward link."""
+
+    router: Router
+    pid: int | None
+    life: None = None
+
+    @property
+    def state(self) -> State:
+        route = self.router.parent_route
+        return State.EXITED if route is None or route.link.closed else State.READY
+
+    async def aclose(self) -> None:
+        raise RuntimeError("a child cannot close its parent")
+
+
 @attrs.define(eq=False, repr=False)
 class Context:
     """A handle on another context: a child you started, your parent, or any context
@@ -110,54 +241,17 @@ class Context:
     #: The id of the context that started it (``None`` for the root).
     parent_id: int | None
     _router: Router
-    _child: _Child | None = None
-    _pid: int | None = None
-    _changed: trio.Event = attrs.field(init=False, factory=trio.Event)
-    _no_more_restarts: bool = attrs.field(init=False, default=False)
+    _peer: _Peer
     _inbox: trio.MemoryReceiveChannel[_wire.Message] = attrs.field(init=False)
     _requests: trio.MemoryReceiveChannel[_wire.Message] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.reopen_inboxes()
+
+    def reopen_inboxes(self) -> None:
+        """Read this context's messages from fresh inboxes (a restarted child's)."""
         self._inbox = self._router.inbox(self.id, Handle.CHANNEL)
         self._requests = self._router.inbox(self.id, Handle.REQUEST)
-
-    def _rebind(self, child: _Child) -> None:
-        """Point this handle at a restarted child's new incarnation."""
-        self._child = child
-        self.__attrs_post_init__()
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def _final(self) -> None:
-        """The supervisor will not restart this child again."""
-        self._no_more_restarts = True
-        self._changed.set()
-
-    async def wait_ready(self) -> None:
-        """Wait until the child is READY: now, or after a restart.
-
-        Raises:
-            ContextDied: it exited and will not be restarted.
-        """
-        while True:
-            child = self._owned()
-            if child.state is State.READY:
-                return
-            if child.exited.is_set() and self._no_more_restarts:
-                raise self._died("it exited and will not be restarted")
-            changed = self._changed
-            if child.running.is_set():
-                # This incarnation is past READY: wait for the next one (or the end).
-                await changed.wait()
-                continue
-            async with trio.open_nursery() as nursery:
-
-                async def wake(event: trio.Event) -> None:
-                    await event.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(wake, child.running)
-                nursery.start_soon(wake, changed)
 
     def __repr__(self) -> str:
         return f"<Context {self.id} {self.name!r} {self.state.value} pid={self.pid}>"
@@ -167,52 +261,46 @@ class Context:
     @property
     def pid(self) -> int | None:
         """The process id, if known here."""
-        if self._child is not None:
-            return self._child.pid
-        return self._pid
+        return self._peer.pid
 
     @property
     def state(self) -> State:
         """The context's :class:`State`, as far as this process knows."""
-        if self._child is not None:
-            return self._child.state
-        if self.id == self._router.id or self._router.knows(self.id):
-            return State.READY
-        if self._router.parent_route is not None and self.id == self._router.parent_route.peer_id:
-            return State.EXITED if self._router.parent_route.link.closed else State.READY
-        return State.EXITED
+        return self._peer.state
 
     @property
     def returncode(self) -> int | None:
         """The exit status once reaped (negative: killed by that signal), else ``None``."""
-        return self._child.returncode if self._child is not None else None
+        life = self._peer.life
+        return life.returncode if life is not None else None
 
     @property
     def stderr_tail(self) -> tuple[str, ...]:
         """The last lines the child wrote to stderr (children you started only)."""
-        return tuple(self._child.stderr_tail) if self._child is not None else ()
+        life = self._peer.life
+        return tuple(life.stderr_tail) if life is not None else ()
 
     def statistics(self) -> ContextStatistics:
         """Traffic and uptime, for children this process started."""
-        child = self._child
-        link = child.link if child is not None else None
-        if child is None or link is None:
+        life = self._peer.life
+        link = life.link if life is not None else None
+        if life is None or link is None:
             return ContextStatistics(0, 0, 0, 0, 0.0)
-        end = child.exited_at if child.exited_at is not None else trio.current_time()
+        end = life.exited_at if life.exited_at is not None else trio.current_time()
         return ContextStatistics(
             messages_in=link.messages_received,
             messages_out=link.messages_sent,
             bytes_in=link.bytes_received,
             bytes_out=link.bytes_sent,
-            uptime=end - child.started_at,
+            uptime=end - life.started_at,
         )
 
     def _died(self, detail: str = "") -> ContextDied:
         return ContextDied(self.name, self.id, self.returncode, self.stderr_tail, detail)
 
     def _check_alive(self) -> None:
-        child = self._child
-        if child is not None and child.exited.is_set():
+        life = self._peer.life
+        if life is not None and life.exited:
             raise self._died("it has exited")
 
     # -- messages --------------------------------------------------------
@@ -262,8 +350,8 @@ class Context:
         return _wire.decode(msg)
 
     def _end_of_channel(self) -> BaseException:
-        child = self._child
-        if child is not None and child.returncode == 0 and not child.crashed:
+        life = self._peer.life
+        if life is not None and life.returncode == 0 and not life.crashed:
             return trio.EndOfChannel()
         return self._died()
 
@@ -353,10 +441,11 @@ class Context:
 
     # -- lifetime (children you started) -------------------------------------
 
-    def _owned(self) -> _Child:
-        if self._child is None:
+    def _lineage(self) -> Lineage:
+        peer = self._peer
+        if not isinstance(peer, OwnedChild):
             raise RuntimeError(f"{self!r} was not started by this process")
-        return self._child
+        return peer.lineage
 
     async def aclose(self) -> None:
         """Shut the child down gracefully and reap it.
@@ -375,37 +464,36 @@ class Context:
 
         **Resource handling:** on return the process has been reaped and its link,
         pipes and route are closed.
+
+        Raises:
+            RuntimeError: this is the parent's handle (a child cannot close it).
         """
-        if self._child is not None:
-            await self._child.stop()
-            return
-        router = self._router
-        if router.parent_route is not None and self.id == router.parent_route.peer_id:
-            raise RuntimeError("a child cannot close its parent")
-        if not router.knows(self.id):
-            return
-        # A context deeper in the tree: its own parent escalates and reaps it; we
-        # wait until its route is withdrawn.
-        with trio.CancelScope(shield=True):
-            try:
-                await router.send(_wire.make(self.id, router.id, Handle.SHUTDOWN, None))
-            except (LinkClosed, WireError, MessageUndeliverable):
-                return
-            await router.wait_gone(self.id)
+        await self._peer.aclose()
+
+    async def wait_ready(self) -> None:
+        """Wait until the child is READY: now, or after a restart.
+
+        Raises:
+            ContextDied: it exited and will not be restarted.
+        """
+        try:
+            await self._lineage().wait_ready()
+        except LookupError as exc:
+            raise self._died(str(exc)) from None
 
     async def wait_exited(self) -> int | None:
         """Wait until the child has exited and been reaped; return its exit status.
 
         Never raises for the child's sake (compare :meth:`wait`).
         """
-        child = self._owned()
-        await child.exited.wait()
-        return child.returncode
+        life = self._lineage().current
+        await life.wait_for_state(State.EXITED)
+        return life.returncode
 
     @property
     def has_exited(self) -> bool:
         """Whether the child has exited and been reaped."""
-        return self._owned().exited.is_set()
+        return self._lineage().current.exited
 
     async def wait(self) -> Any:
         """Wait for the child to exit and return its target's return value.
@@ -414,9 +502,9 @@ class Context:
             RemoteError: the target raised.
             ContextDied: the child died without reporting a result (crash, kill).
         """
-        child = self._owned()
-        await child.exited.wait()
-        ok, value = child.outcome if child.outcome is not None else (False, None)
+        life = self._lineage().current
+        await life.wait_for_state(State.EXITED)
+        ok, value = life.outcome if life.outcome is not None else (False, None)
         if ok:
             return value
         if isinstance(value, BaseException):
@@ -424,6 +512,14 @@ class Context:
         raise self._died("it exited without reporting a result")
 
 
+def owned_context(
+    context_id: int, name: str, router: Router, lineage: Lineage
+) -> tuple[Context, OwnedChild]:
+    """The handle on a child this process starts, and the owner's side of it."""
+    child = OwnedChild(context_id, router, lineage)
+    return Context(context_id, name, router.id, router, child), child
+
+
 def parent_context(router: Router, parent_id: int, parent_name: str) -> Context:
     """The child's handle on its parent (pid from the OS)."""
-    return Context(parent_id, parent_name, None, router, None, os.getppid())
+    return Context(parent_id, parent_name, None, router, _Parent(router, os.getppid()))

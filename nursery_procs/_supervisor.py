@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from . import _wire
-from ._context import Context
+from ._context import Context, OwnedChild, context_by_id, owned_context, owned_contexts
 from ._errors import (
     ChildStartError,
     ContextDied,
@@ -25,8 +25,8 @@ from ._errors import (
     WireError,
 )
 from ._groups import unwrap_sole_exception
-from ._lifecycle import State
-from ._link import Link, accept_link
+from ._lifecycle import Lifecycle, Lineage, State
+from ._link import accept_link
 from ._process import (
     DEBUG_SLEEP_ENV,
     Policy,
@@ -38,7 +38,7 @@ from ._process import (
 )
 from ._router import ContextInfo, Route, Router, current_router
 from ._spec import Bootstrap, Target, dump_target, main_module_spec
-from ._stdio import child_logger, emit, new_tail, pump_lines
+from ._stdio import child_logger, emit, pump_lines
 from ._wire import Handle, Message
 
 log = logging.getLogger("nursery_procs.supervisor")
@@ -79,31 +79,18 @@ class SupervisorStatistics:
 
 
 @attrs.define(eq=False)
-class _Child:
-    """The parent's bookkeeping for one direct child: the route owner for its link."""
+class _Incarnation:
+    """The runner's side of one incarnation: it reads the child's control messages
+    into the :class:`Lifecycle` and owns the scopes of the tasks reading its pipes
+    and link."""
 
-    ctx: Context = attrs.field(init=False)
-    name: str
-    policy: Policy
-    debug_sleep: float
-    state: State = State.SPAWNING
-    pid: int | None = None
-    returncode: int | None = None
-    outcome: tuple[bool, Any] | None = None
-    crashed: bool = False
-    stderr_tail: Any = attrs.field(factory=new_tail)
-    ready: trio.Event = attrs.field(factory=trio.Event)
-    #: Set when the state becomes READY (after ``ready``, the child's own word).
-    running: trio.Event = attrs.field(factory=trio.Event)
-    stop_requested: trio.Event = attrs.field(factory=trio.Event)
-    exited: trio.Event = attrs.field(factory=trio.Event)
-    shutdown_sent: bool = False
-    link: Link | None = None
-    started_at: float = 0.0
-    exited_at: float | None = None
-    #: The scopes of the tasks reading this child's pipes and link.
+    life: Lifecycle
     pump_scopes: list[trio.CancelScope] = attrs.field(factory=list)
     pumps_cancelled: bool = False
+
+    @property
+    def logger(self) -> logging.Logger:
+        return child_logger(self.life.name)
 
     def pump_scope(self) -> trio.CancelScope:
         scope = trio.CancelScope()
@@ -117,25 +104,15 @@ class _Child:
         for scope in self.pump_scopes:
             scope.cancel()
 
-    @property
-    def logger(self) -> logging.Logger:
-        return child_logger(self.name)
-
-    def reincarnate(self) -> _Child:
-        """A fresh incarnation behind the same :class:`Context` (for a restart)."""
-        fresh = _Child(name=self.name, policy=self.policy, debug_sleep=self.debug_sleep)
-        fresh.ctx = self.ctx
-        self.ctx._rebind(fresh)
-        return fresh
-
     def handle_control(self, msg: Message) -> None:
+        life = self.life
         if msg.handle == Handle.READY:
-            self.ready.set()
+            life.note(said_ready=True)
         elif msg.handle == Handle.RESULT:
             try:
-                self.outcome = _wire.decode(msg)
+                life.note(outcome=_wire.decode(msg))
             except WireError as exc:
-                self.outcome = (False, exc)
+                life.note(outcome=(False, exc))
         elif msg.handle == Handle.LOG:
             try:
                 logger_name, level, text, created, exc_text = _wire.decode(msg)
@@ -146,33 +123,13 @@ class _Child:
                 self.logger,
                 int(level),
                 str(text),
-                pid=self.pid,
-                name=self.name,
+                pid=life.pid,
+                name=life.name,
                 stream="logging",
                 created=float(created),
                 exc_text=exc_text,
                 extra={"child_logger": logger_name},
             )
-
-    async def send_shutdown(self) -> None:
-        """Send SHUTDOWN once (a closed link is fine: the child is going anyway)."""
-        if self.shutdown_sent or self.state in (State.SPAWNING, State.EXITED):
-            return
-        self.shutdown_sent = True
-        router = self.ctx._router
-        try:
-            await router.send(_wire.make(self.ctx.id, router.id, Handle.SHUTDOWN, None))
-        except (LinkClosed, WireError):
-            pass
-
-    @trio.lowlevel.enable_ki_protection
-    async def stop(self) -> None:
-        """Ask for a graceful stop and wait until reaped (shielded, bounded)."""
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.policy.close_deadline
-            await self.send_shutdown()
-            self.stop_requested.set()
-            await self.exited.wait()
 
 
 class Supervisor:
@@ -201,7 +158,7 @@ class Supervisor:
         self._service_done = trio.Event()
         self._router = router
         self.policy = policy
-        self._children: dict[int, _Child] = {}
+        self._children: dict[int, tuple[Context, OwnedChild]] = {}
         self.started_at = trio.current_time()
         self._closed = False
         self._started_total = 0
@@ -216,10 +173,10 @@ class Supervisor:
     @property
     def children(self) -> list[Context]:
         """The children that have not exited yet, oldest first."""
-        return [c.ctx for c in self._children.values()]
+        return [ctx for ctx, _ in self._children.values()]
 
     def statistics(self) -> SupervisorStatistics:
-        states = [c.state for c in self._children.values()]
+        states = [child.state for _, child in self._children.values()]
         return SupervisorStatistics(
             starting=sum(s in (State.SPAWNING, State.CREATED) for s in states),
             running=states.count(State.READY),
@@ -232,20 +189,18 @@ class Supervisor:
         )
 
     def context_by_id(self, context_id: int) -> Context | None:
-        """A handle on any context this process can reach (``None`` if unknown)."""
-        child = self._children.get(context_id)
-        if child is not None:
-            return child.ctx
-        info = self._router.directory.get(context_id)
-        if info is None:
-            return None
-        return Context(info.id, info.name, info.parent_id, self._router, None, info.pid)
+        """The handle on a context this process can reach, or ``None`` if it is not
+        known here (compare :func:`nursery_procs.context_by_id`, which always
+        returns a handle)."""
+        if context_id in self._children or context_id in self._router.directory:
+            return context_by_id(context_id)
+        return None
 
     def context_by_name(self, name: str) -> Context | None:
         """Like :meth:`context_by_id`, by name (the oldest match)."""
-        for child in self._children.values():
-            if child.name == name:
-                return child.ctx
+        for ctx, _ in self._children.values():
+            if ctx.name == name:
+                return ctx
         for info in self._router.directory.values():
             if info.name == name:
                 return self.context_by_id(info.id)
@@ -297,45 +252,51 @@ class Supervisor:
             env_value = os.environ.get(DEBUG_SLEEP_ENV)
             debug_sleep = float(env_value) if env_value else 0.0
         context_id = await self._router.allocate_id()
-        child = _Child(
-            name=name or f"child-{context_id}",
-            policy=policy or self.policy,
-            debug_sleep=debug_sleep,
-        )
-        child.ctx = Context(context_id, child.name, self._router.id, self._router, child)
+        name = name or f"child-{context_id}"
+        life = Lifecycle(name=name, policy=policy or self.policy, debug_sleep=debug_sleep)
+        ctx, child = owned_context(context_id, name, self._router, Lineage(life))
         self._started_total += 1
-        result: Context = await self._nursery.start(self._run_with_restarts, child, blob, restart)
+        result: Context = await self._nursery.start(
+            self._run_with_restarts, ctx, child, blob, restart
+        )
         return result
 
     async def _run_with_restarts(
         self,
-        child: _Child,
+        ctx: Context,
+        child: OwnedChild,
         blob: bytes,
         restart: Restart,
         *,
         task_status: trio.TaskStatus[Context],
     ) -> None:
-        await self._run_child(child, blob, task_status=task_status)
-        while self._should_restart(child, restart):
-            self._count_restart(child)
-            child = child.reincarnate()
-            try:
-                await self._run_child(child, blob, task_status=trio.TASK_STATUS_IGNORED)
-            except ChildStartError as exc:
-                child.crashed = True
-                child.logger.warning("restart failed: %s", exc.args[0].splitlines()[0])
+        owned = owned_contexts()
+        owned[ctx.id] = ctx
+        self._children[ctx.id] = (ctx, child)
+        try:
+            await self._run_child(ctx, child, blob, task_status=task_status)
+            while self._should_restart(child.life, restart):
+                self._count_restart(child.life)
+                child.lineage.renew()
+                ctx.reopen_inboxes()
+                try:
+                    await self._run_child(ctx, child, blob, task_status=trio.TASK_STATUS_IGNORED)
+                except ChildStartError as exc:
+                    child.life.note(fault="restart failed")
+                    child_logger(ctx.name).warning(
+                        "restart failed: %s", exc.args[0].splitlines()[0]
+                    )
+        finally:
+            self._children.pop(ctx.id, None)
+            owned.pop(ctx.id, None)
+            child.lineage.end()
 
-    def _should_restart(self, child: _Child, restart: Restart) -> bool:
-        stopped_on_purpose = child.stop_requested.is_set()
-        if self._closed or stopped_on_purpose or restart is Restart.TEMPORARY:
-            again = False
-        else:
-            again = restart is Restart.PERMANENT or child.crashed
-        if not again:
-            child.ctx._final()
-        return again
+    def _should_restart(self, life: Lifecycle, restart: Restart) -> bool:
+        if self._closed or life.stop_requested or restart is Restart.TEMPORARY:
+            return False
+        return restart is Restart.PERMANENT or life.crashed
 
-    def _count_restart(self, child: _Child) -> None:
+    def _count_restart(self, life: Lifecycle) -> None:
         """Note a restart; fail the supervisor if there were too many too fast."""
         now = trio.current_time()
         times = self._restart_times
@@ -343,21 +304,32 @@ class Supervisor:
             times.popleft()
         if len(times) >= self.max_restarts:
             raise SupervisorError(
-                f"child {child.name!r} exited ({describe_exit(child.returncode)}) after "
+                f"child {life.name!r} exited ({describe_exit(life.returncode)}) after "
                 f"{len(times)} restarts within {self.restart_window} s: giving up"
             )
         times.append(now)
         self._restarts_total += 1
-        child.logger.warning(
-            "restarting child %r after it exited (%s)", child.name, describe_exit(child.returncode)
+        child_logger(life.name).warning(
+            "restarting child %r after it exited (%s)", life.name, describe_exit(life.returncode)
         )
 
     @asynccontextmanager
     async def open_child(
-        self, target: Target = None, *args: Any, **options: Any
+        self,
+        target: Target = None,
+        *args: Any,
+        name: str | None = None,
+        policy: Policy | None = None,
+        debug_sleep: float | None = None,
+        restart: Restart | str = Restart.TEMPORARY,
     ) -> AsyncIterator[Context]:
-        """Start a child bound to a block: leaving the block shuts it down gracefully."""
-        ctx = await self.start_child(target, *args, **options)
+        """Start a child bound to a block: leaving the block shuts it down gracefully.
+
+        The arguments are those of :meth:`start_child`.
+        """
+        ctx = await self.start_child(
+            target, *args, name=name, policy=policy, debug_sleep=debug_sleep, restart=restart
+        )
         try:
             yield ctx
         finally:
@@ -366,187 +338,169 @@ class Supervisor:
     # -- one child's life ------------------------------------------------
 
     async def _run_child(
-        self, child: _Child, blob: bytes, *, task_status: trio.TaskStatus[Context]
+        self,
+        ctx: Context,
+        child: OwnedChild,
+        blob: bytes,
+        *,
+        task_status: trio.TaskStatus[Context],
     ) -> None:
-        """The manager of one child, in the supervisor's nursery.
+        """Run one incarnation of a child, in the supervisor's nursery.
 
-        Its pipes and link are read by tasks in the supervisor's shielded service
-        nursery, so that however this task ends (even cancelled) the child's last
-        logs and result are still read while it is wound down here.
+        Its pipes, link and exit are watched by tasks in the supervisor's shielded
+        service nursery, so that however this task ends (even cancelled) the
+        child's last logs and result are still read while it is wound down here.
         """
-        ctx = child.ctx
-        self._children[ctx.id] = child
-        child.started_at = trio.current_time()
+        run = _Incarnation(child.life)
+        life = run.life
+        life.started_at = trio.current_time()
         route: Route | None = None
         process: trio.Process | None = None
         drained: trio.Event | None = None
-        booted = False
         boot_failure: _BootFailed | None = None
         try:
-            spawned = await self._spawn(debug_sleep=child.debug_sleep or None)
+            spawned = await self._spawn(debug_sleep=life.debug_sleep or None)
             process = spawned.process
-            child.pid = process.pid
-            drained = _start_pipes(self._service, child, process)
-            link_done = trio.Event()
+            life.note(pid=process.pid)
+            drained = _start_pipes(self._service, run, process)
+            self._service.start_soon(_watch_exit, process, life)
             try:
-                route = await self._boot(child, spawned, blob, link_done)
+                route = await self._boot(ctx, run, spawned, blob)
             except _BootFailed as exc:
                 boot_failure = exc
             else:
-                booted = True
-                child.state = State.READY
-                child.running.set()
+                life.advance(State.READY)
                 task_status.started(ctx)
-                await _first_of(link_done.wait, child.stop_requested.wait, process.wait)
+                await life.wait_until(
+                    lambda: life.link_done or life.stop_requested or life.process_exited
+                )
         finally:
             with trio.CancelScope(shield=True):
-                await self._wind_down(child, process, booted, drained)
-                await self._finish(child, route)
+                await self._wind_down(child, run, process, drained)
+                await self._finish(run, route)
         if boot_failure is not None:
             raise ChildStartError(
-                child.name, ctx.id, child.returncode, tuple(child.stderr_tail), boot_failure.detail
+                life.name, ctx.id, life.returncode, tuple(life.stderr_tail), boot_failure.detail
             ) from boot_failure.__cause__
 
     async def _wind_down(
         self,
-        child: _Child,
+        child: OwnedChild,
+        run: _Incarnation,
         process: trio.Process | None,
-        booted: bool,
         drained: trio.Event | None,
     ) -> None:
         """Stop the process (gracefully if it booted), reap it, close its link and pipes."""
+        life = run.life
         if process is not None:
-            if booted and process.returncode is None:
-                child.state = State.STOPPING
-                self._note_link_close(child)
+            if life.said_ready and process.returncode is None:
+                life.advance(State.STOPPING)
+                self._note_link_fault(run)
                 await child.send_shutdown()
-                child.returncode = await escalate(
+                returncode = await escalate(
                     process,
-                    grace_period=child.policy.grace_period,
-                    kill_after=child.policy.kill_after,
+                    grace_period=life.policy.grace_period,
+                    kill_after=life.policy.kill_after,
                 )
             else:
-                if not booted:
+                if not life.said_ready:
                     self._failed_starts += 1
-                    child.shutdown_sent = True
-                child.returncode = await kill_and_reap(process)
-        if child.link is not None:
-            await child.link.aclose()
+                    life.shutdown_sent = True
+                returncode = await kill_and_reap(process)
+            life.note(returncode=returncode)
+        if life.link is not None:
+            await life.link.aclose()
         if drained is not None:
-            with trio.move_on_after(child.policy.drain_timeout):
+            with trio.move_on_after(life.policy.drain_timeout):
                 await drained.wait()
         # A process the child started may still hold its pipes: stop reading them.
-        child.cancel_pumps()
+        run.cancel_pumps()
 
-    async def _boot(
-        self,
-        child: _Child,
-        spawned: Spawned,
-        blob: bytes,
-        link_done: trio.Event,
-    ) -> Route:
-        ctx = child.ctx
-        policy = child.policy
+    async def _boot(self, ctx: Context, run: _Incarnation, spawned: Spawned, blob: bytes) -> Route:
+        life = run.life
+        policy = life.policy
         router = self._router
         try:
-            with trio.fail_after(policy.ready_timeout + child.debug_sleep):
+            with trio.fail_after(policy.ready_timeout + life.debug_sleep):
                 link, _resource = await accept_link(
                     spawned.stream, max_message_size=policy.max_message_size
                 )
-                child.link = link
-                info = ContextInfo(ctx.id, child.name, router.id, child.pid or 0)
-                route = await router.add_child_route(link, info, child)
-                child.state = State.CREATED
+                life.link = link
+                info = ContextInfo(ctx.id, life.name, router.id, life.pid or 0)
+                route = await router.add_child_route(link, info, run)
+                life.advance(State.CREATED)
                 boot = Bootstrap(
                     context_id=ctx.id,
-                    name=child.name,
+                    name=life.name,
                     parent_id=router.id,
                     parent_name=router.name,
                     sys_path=tuple(sys.path),
                     target_blob=blob,
-                    log_level=child.logger.getEffectiveLevel(),
-                    debug_sleep=child.debug_sleep,
+                    log_level=run.logger.getEffectiveLevel(),
+                    debug_sleep=life.debug_sleep,
                     max_message_size=policy.max_message_size,
                     siblings_may_talk=router.siblings_may_talk,
                     main_module=main_module_spec(),
                 )
                 await link.send(_wire.pack(_wire.make(ctx.id, router.id, Handle.BOOTSTRAP, boot)))
-                self._service.start_soon(
-                    _pump_then_set, router, route, link_done, child.pump_scope()
+                self._service.start_soon(_pump, router, route, life, run.pump_scope())
+                await life.wait_until(
+                    lambda: life.said_ready or life.link_done or life.stop_requested
                 )
-                await _first_of(child.ready.wait, link_done.wait, child.stop_requested.wait)
         except trio.TooSlowError:
-            await self._drop_unlinked_stream(child, spawned)
+            await _drop_unlinked_stream(life, spawned)
             raise _BootFailed(
-                f"not ready within {policy.ready_timeout + child.debug_sleep} s"
+                f"not ready within {policy.ready_timeout + life.debug_sleep} s"
             ) from None
         except (HandshakeError, LinkClosed) as exc:
-            await self._drop_unlinked_stream(child, spawned)
+            await _drop_unlinked_stream(life, spawned)
             raise _BootFailed(f"it broke its link while starting: {exc}") from exc
         except BaseException:
-            await self._drop_unlinked_stream(child, spawned)
+            await _drop_unlinked_stream(life, spawned)
             raise
-        if child.stop_requested.is_set() and not child.ready.is_set():
+        if life.said_ready:
+            return route
+        if life.stop_requested:
             raise _BootFailed("it was stopped while starting")
-        if not child.ready.is_set():
-            assert child.link is not None
-            raise _BootFailed(
-                f"it exited while starting (link closed with code {child.link.close_code})"
-            )
-        return route
+        raise _BootFailed(f"it exited while starting (link closed with code {link.close_code})")
 
     @staticmethod
-    async def _drop_unlinked_stream(child: _Child, spawned: Spawned) -> None:
-        # Before the handshake completes, the link does not own the stream yet.
-        if child.link is None:
-            await trio.aclose_forcefully(spawned.stream)
-
-    def _note_link_close(self, child: _Child) -> None:
-        link = child.link
-        if link is None or not link.closed or child.shutdown_sent:
+    def _note_link_fault(run: _Incarnation) -> None:
+        life = run.life
+        link = life.link
+        if link is None or not link.closed or life.shutdown_sent:
             return
         if link.close_code in (1002, 1003, 1007, 1009):
-            child.logger.warning(
+            run.logger.warning(
                 "link closed with code %d (%s); shutting the child down",
                 link.close_code,
                 link.close_reason,
-                extra={"child_name": child.name, "child_pid": child.pid},
+                extra={"child_name": life.name, "child_pid": life.pid},
             )
-            child.crashed = True
+            life.note(fault=f"link closed with code {link.close_code}")
 
-    async def _finish(self, child: _Child, route: Route | None) -> None:
-        ctx = child.ctx
-        was_ready = child.ready.is_set()
-        child.state = State.EXITED
-        child.exited_at = trio.current_time()
-        if child.returncode != 0 or (child.outcome is None and not child.shutdown_sent):
-            child.crashed = True
+    async def _finish(self, run: _Incarnation, route: Route | None) -> None:
+        life = run.life
         if route is not None:
             await self._router.remove_route(
                 route,
                 lambda context_id: ContextDied(
-                    child.name, context_id, child.returncode, tuple(child.stderr_tail)
+                    life.name, context_id, life.returncode, tuple(life.stderr_tail)
                 ),
             )
-        self._children.pop(ctx.id, None)
-        if was_ready:
+        life.advance(State.EXITED)
+        extra = {"child_name": life.name, "child_pid": life.pid}
+        if life.said_ready:
             self._exited_total += 1
-            if child.crashed:
+            if life.crashed:
                 self._crashed_total += 1
-                if not child.shutdown_sent or child.returncode not in (0, None):
-                    child.logger.warning(
-                        "child exited: %s",
-                        describe_exit(child.returncode),
-                        extra={"child_name": child.name, "child_pid": child.pid},
+                if not life.shutdown_sent or life.returncode not in (0, None):
+                    run.logger.warning(
+                        "child exited: %s", describe_exit(life.returncode), extra=extra
                     )
-        outcome = child.outcome
-        if outcome is not None and not outcome[0]:
-            child.logger.error(
-                "target raised %s",
-                outcome[1],
-                extra={"child_name": child.name, "child_pid": child.pid},
-            )
-        child.exited.set()
+        if life.target_failed:
+            assert life.outcome is not None
+            run.logger.error("target raised %s", life.outcome[1], extra=extra)
 
     async def _host_services(self, *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
         """Own the shielded nursery where children's pipes and links are read."""
@@ -559,8 +513,8 @@ class Supervisor:
     @trio.lowlevel.enable_ki_protection
     async def _close_all(self) -> None:
         async with trio.open_nursery() as nursery:
-            for child in list(self._children.values()):
-                nursery.start_soon(child.stop)
+            for _, child in list(self._children.values()):
+                nursery.start_soon(child.aclose)
 
 
 class _BootFailed(Exception):
@@ -569,20 +523,32 @@ class _BootFailed(Exception):
         self.detail = detail
 
 
-def _start_pipes(service: trio.Nursery, child: _Child, process: trio.Process) -> trio.Event:
+async def _drop_unlinked_stream(life: Lifecycle, spawned: Spawned) -> None:
+    # Before the handshake completes, the link does not own the stream yet.
+    if life.link is None:
+        await trio.aclose_forcefully(spawned.stream)
+
+
+async def _watch_exit(process: trio.Process, life: Lifecycle) -> None:
+    """Note when the process exits (the runner reaps it)."""
+    await process.wait()
+    life.note(process_exited=True)
+
+
+def _start_pipes(service: trio.Nursery, run: _Incarnation, process: trio.Process) -> trio.Event:
     """Log the child's stdout and stderr; the event is set when both reach EOF."""
     drained = trio.Event()
     remaining = [0]
 
     async def pump(pipe: trio.abc.ReceiveStream, level: int, stream: str, tail: Any) -> None:
         try:
-            with child.pump_scope():
+            with run.pump_scope():
                 await pump_lines(
                     pipe,
-                    logger=child.logger,
+                    logger=run.logger,
                     level=level,
-                    name=child.name,
-                    pid=child.pid,
+                    name=run.life.name,
+                    pid=run.life.pid,
                     stream=stream,
                     tail=tail,
                 )
@@ -593,7 +559,7 @@ def _start_pipes(service: trio.Nursery, child: _Child, process: trio.Process) ->
 
     for pipe, level, stream, tail in (
         (process.stdout, logging.INFO, "stdout", None),
-        (process.stderr, logging.WARNING, "stderr", child.stderr_tail),
+        (process.stderr, logging.WARNING, "stderr", run.life.stderr_tail),
     ):
         if pipe is not None:
             remaining[0] += 1
@@ -603,26 +569,12 @@ def _start_pipes(service: trio.Nursery, child: _Child, process: trio.Process) ->
     return drained
 
 
-async def _pump_then_set(
-    router: Router, route: Route, done: trio.Event, scope: trio.CancelScope
-) -> None:
+async def _pump(router: Router, route: Route, life: Lifecycle, scope: trio.CancelScope) -> None:
     try:
         with scope:
             await router.pump(route)
     finally:
-        done.set()
-
-
-async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
-    """Return as soon as any of *waits* returns; cancel the others."""
-    async with trio.open_nursery() as nursery:
-
-        async def run(fn: Callable[[], Awaitable[object]]) -> None:
-            await fn()
-            nursery.cancel_scope.cancel()
-
-        for fn in waits:
-            nursery.start_soon(run, fn)
+        life.note(link_done=True)
 
 
 @asynccontextmanager
