@@ -44,10 +44,11 @@ def wheel(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff: lint (with the ASYNC rules) and format check."""
-    session.install("ruff")
+    """ruff (with the ASYNC and complexity rules), format check, and the import layers."""
+    session.install("ruff", "import-linter", "-e", ".")
     session.run("ruff", "check", *SOURCES)
     session.run("ruff", "format", "--check", *SOURCES)
+    session.run("lint-imports")
 
 
 @nox.session

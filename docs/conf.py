@@ -7,10 +7,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nursery_procs._version import __version__
+
 project = "nursery_procs"
 author = "the nursery_procs authors"
 copyright = "2026, the nursery_procs authors"
-from nursery_procs import __version__ as release  # noqa: E402
+release = __version__
 
 extensions = [
     "sphinx.ext.autodoc",

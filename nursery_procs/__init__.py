@@ -42,5 +42,4 @@ from ._supervisor import Restart as Restart
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics
 from ._supervisor import open_supervisor as open_supervisor
-
-__version__ = "0.1.0.dev0"
+from ._version import __version__ as __version__

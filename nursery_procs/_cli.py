@@ -30,7 +30,7 @@ from typing import Any, Final, TextIO
 
 import h11
 
-from . import __version__
+from ._version import __version__
 
 #: The environment variable holding the default control socket path.
 SOCKET_ENV: Final = "NURSERY_PROCS_CONTROL"
@@ -332,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace, out: TextIO) -> int:
+def _run(args: argparse.Namespace, out: TextIO) -> int:  # noqa: C901 - one branch per command
     path: str = getattr(args, "socket", None) or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
     as_json: bool = getattr(args, "json", False)
     timeout: float = getattr(args, "timeout", 10.0)
