@@ -43,11 +43,11 @@ async def main() -> None:
         async with sup.open_child(shouter, name="shouter") as loud:
             print(await loud.request("hello from the parent"))
 
-        # An exception in a child comes back with its type and traceback.
+        # An exception in a child is raised here as itself, its traceback attached.
         try:
             await workers[0].call(slow_square_root, -1)
-        except nursery_procs.RemoteError as exc:
-            print(f"remote {exc.remote_type}: {exc.remote_message}")
+        except ValueError as exc:
+            print(f"the child raised {type(exc).__name__}: {exc}")
         print(f"{sup.statistics().running} workers still running")
     # Leaving the supervisor shut every child down and reaped it.
     print("all children reaped:", all(w.returncode == 0 for w in workers))

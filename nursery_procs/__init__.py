@@ -37,6 +37,7 @@ from ._pool import open_pool as open_pool
 from ._process import DEBUG_SLEEP_ENV as DEBUG_SLEEP_ENV
 from ._process import Policy as Policy
 from ._process import describe_exit as describe_exit
+from ._remote import RemoteTraceback as RemoteTraceback
 from ._router import current_router as current_router
 from ._supervisor import Restart as Restart
 from ._supervisor import Supervisor as Supervisor

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar, TypeVarTuple, overload
 
 import attrs
 import trio
@@ -12,10 +13,15 @@ import trio
 from . import _wire
 from ._errors import ContextDied, LinkClosed, MessageUndeliverable, WireError
 from ._lifecycle import Lifecycle, Lineage, State
+from ._process import Policy
 from ._router import ANY_SOURCE, Router, current_router
 from ._wire import Handle
 
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
 _PARENT: trio.lowlevel.RunVar[Context] = trio.lowlevel.RunVar("nursery_procs.parent")
+_DEFAULT_POLICY = Policy()
 #: The contexts this process started and still owns, by id.
 _OWNED: trio.lowlevel.RunVar[dict[int, Context]] = trio.lowlevel.RunVar("nursery_procs.owned")
 
@@ -129,6 +135,16 @@ class _Peer(Protocol):
     def life(self) -> Lifecycle | None:
         """The current incarnation, for a child this process owns."""
 
+    @property
+    def cancel_timeout(self) -> float:
+        """How long a cancelled call waits for the context to acknowledge."""
+
+    def unresponsive(self) -> None:
+        """A cancellation was not acknowledged in time."""
+
+    def kill(self, why: str) -> None:
+        """Kill the process at once (children this process owns only)."""
+
     async def aclose(self) -> None: ...
 
 
@@ -154,6 +170,17 @@ class OwnedChild:
     @property
     def state(self) -> State:
         return self.life.state
+
+    @property
+    def cancel_timeout(self) -> float:
+        return self.life.policy.cancel_timeout
+
+    def unresponsive(self) -> None:
+        timeout = self.life.policy.cancel_timeout
+        self.life.note(fault=f"it did not acknowledge a cancelled call within {timeout} s")
+
+    def kill(self, why: str) -> None:
+        self.life.note(kill_requested=True, fault=f"killed: {why}")
 
     async def send_shutdown(self) -> None:
         """Send SHUTDOWN once to the current incarnation (a closed link is fine:
@@ -189,6 +216,16 @@ class _Remote:
     life: None = None
 
     @property
+    def cancel_timeout(self) -> float:
+        return _DEFAULT_POLICY.cancel_timeout
+
+    def unresponsive(self) -> None:
+        pass  # its own parent watches over it
+
+    def kill(self, why: str) -> None:
+        raise ValueError("only a child this process started can be killed")
+
+    @property
     def state(self) -> State:
         router = self.router
         if self.context_id == router.id or router.knows(self.context_id):
@@ -216,6 +253,16 @@ class _Parent:
     router: Router
     pid: int | None
     life: None = None
+
+    @property
+    def cancel_timeout(self) -> float:
+        return _DEFAULT_POLICY.cancel_timeout
+
+    def unresponsive(self) -> None:
+        pass  # its own parent watches over it
+
+    def kill(self, why: str) -> None:
+        raise ValueError("only a child this process started can be killed")
 
     @property
     def state(self) -> State:
@@ -319,10 +366,8 @@ class Context:
         half-written frame cannot be taken back.
         """
         self._check_alive()
-        try:
+        with self._link_errors():
             await self._router.send(_wire.make(self.id, self._router.id, Handle.CHANNEL, obj))
-        except LinkClosed as exc:
-            raise self._died(f"its link is closed ({exc})") from None
 
     async def receive(self) -> Any:
         """Receive the next object the context sent to this one.
@@ -373,37 +418,95 @@ class Context:
         Raises:
             ContextDied: the context died (or its route was lost) before replying.
             MessageUndeliverable: the message could not be delivered (dead reply).
-            RemoteError: the remote handler raised.
+            Exception: the remote handler raised this; it is re-raised here as its
+                own type, the remote traceback as its ``__cause__``
+                (:class:`RemoteError` if the type cannot be rebuilt here).
 
-        **Cancellation:** safe; a reply that comes later is dropped.
+        **Cancellation:** cancels the handler's task in the other context and waits
+        (shielded, at most ``policy.cancel_timeout``) until it says so; a reply
+        that comes later is dropped.
         """
         self._check_alive()
-        try:
-            return await self._router.request(self.id, Handle.REQUEST, obj)
-        except LinkClosed as exc:
-            raise self._died(f"its link is closed ({exc})") from None
+        with self._link_errors():
+            return await self._router.request(
+                self.id,
+                Handle.REQUEST,
+                obj,
+                cancel_timeout=self._peer.cancel_timeout,
+                on_unacknowledged=self._peer.unresponsive,
+            )
 
-    async def call(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(*args, **kwargs)`` in the context and return its result.
+    @overload
+    async def call(
+        self,
+        fn: Callable[[*Ts], Awaitable[T]],
+        *args: *Ts,
+        kill_on_cancel: bool = False,
+    ) -> T: ...
 
-        *fn* is an importable function (sync or async) or a ``"module:function"``
-        string. A sync function runs on the child's Trio thread, so a long one
-        delays the child's other work (a SHUTDOWN still ends it, by SIGTERM).
-        Calls go down the tree only: a child cannot call into its parent.
+    @overload
+    async def call(self, fn: Callable[[*Ts], T], *args: *Ts, kill_on_cancel: bool = False) -> T: ...
+
+    @overload
+    async def call(self, fn: str, *args: object, kill_on_cancel: bool = False) -> Any: ...
+
+    async def call(
+        self, fn: Callable[[*Ts], Any] | str, *args: *Ts, kill_on_cancel: bool = False
+    ) -> Any:
+        """Run ``fn(*args)`` in the context and return its result.
+
+        *fn* is an importable function (sync or async), or a ``"module:function"``
+        string; pass keyword arguments with :func:`functools.partial`. An async
+        function runs as a task of the child; a sync one in a worker thread of the
+        child, so the child goes on serving SHUTDOWN, other calls and
+        cancellation while it runs. Calls go down the tree only: a child cannot
+        call into its parent.
 
         Raises:
-            RemoteError: *fn* raised; it carries the remote type, message and
-                traceback.
+            Exception: *fn* raised this; it is re-raised here as its own type, its
+                remote traceback as its ``__cause__`` (a
+                :class:`~nursery_procs.RemoteTraceback`); exception groups arrive as
+                groups. Where the exception cannot be rebuilt here (its type does
+                not exist here, or it does not pickle), :class:`RemoteError`
+                carries its type name, message and traceback.
             ContextDied: the context died before answering.
             MessageUndeliverable: the context refused the call (for example it is
                 not below this one).
             WireError: the function or arguments cannot be pickled.
+            ValueError: ``kill_on_cancel`` for a context this process did not start.
 
-        **Cancellation:** the call is abandoned here; it goes on in the child.
+        **Cancellation:** an async *fn* is cancelled in the child (its ``finally``
+        blocks run) and this returns once the child acknowledges, shielded, within
+        ``policy.cancel_timeout``; a child that does not acknowledge by then is
+        shut down as hung. A sync *fn* cannot be interrupted: cancelling waits for
+        it to finish, as :func:`trio.to_thread.run_sync` does, unless
+        ``kill_on_cancel=True``, which kills the child at once (SIGKILL) and
+        returns promptly; the child then counts as crashed (a pooled or
+        restartable child is replaced).
         """
         self._check_alive()
+        peer = self._peer
+        if kill_on_cancel and not isinstance(peer, OwnedChild):
+            raise ValueError(f"kill_on_cancel needs a child this process started, not {self!r}")
+        with self._link_errors():
+            try:
+                return await self._router.request(
+                    self.id,
+                    Handle.CALL,
+                    (fn, args, {}),
+                    cancel_timeout=peer.cancel_timeout,
+                    on_unacknowledged=peer.unresponsive,
+                    cancel_remotely=not kill_on_cancel,
+                )
+            except trio.Cancelled:
+                if kill_on_cancel:
+                    peer.kill("a call was cancelled with kill_on_cancel")
+                raise
+
+    @contextmanager
+    def _link_errors(self) -> Iterator[None]:
         try:
-            return await self._router.request(self.id, Handle.CALL, (fn, args, kwargs))
+            yield
         except LinkClosed as exc:
             raise self._died(f"its link is closed ({exc})") from None
 

@@ -103,8 +103,11 @@ class Lifecycle:
     stop_requested: bool = False
     shutdown_sent: bool = False
     #: Why the child was judged faulty even if it exited 0 (a protocol error, a
-    #: failed restart).
+    #: failed restart, a cancellation it did not acknowledge).
     fault: str | None = None
+    #: Kill it at once, without a grace period (a call cancelled with
+    #: ``kill_on_cancel``).
+    kill_requested: bool = False
 
     # -- the runner's writes -------------------------------------------------
 
@@ -142,6 +145,17 @@ class Lifecycle:
         if not self.exited:
             return False
         return self.returncode != 0 or (self.outcome is None and not self.shutdown_sent)
+
+    @property
+    def must_stop(self) -> bool:
+        """Whether the runner should wind this incarnation down now."""
+        return (
+            self.link_done
+            or self.stop_requested
+            or self.process_exited
+            or self.kill_requested
+            or self.fault is not None
+        )
 
     @property
     def target_failed(self) -> bool:

@@ -47,6 +47,9 @@ class Policy:
     #: How long to wait for a reaped child's pipes to reach end of file (a process
     #: it started may still hold them).
     drain_timeout: float = attrs.field(default=1.0, validator=_nonnegative("drain_timeout"))
+    #: After a call or request is cancelled, how long the child has to acknowledge
+    #: that it cancelled the work; then it counts as hung and is shut down.
+    cancel_timeout: float = attrs.field(default=2.0, validator=_nonnegative("cancel_timeout"))
 
     @max_message_size.validator
     def _check_size(self, attribute: attrs.Attribute[int], value: int) -> None:

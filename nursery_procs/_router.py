@@ -9,12 +9,12 @@ cannot be delivered is answered with a *dead* reply so that nobody waits on it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
-import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 import trio
@@ -24,10 +24,10 @@ from ._errors import (
     ContextDied,
     LinkClosed,
     MessageUndeliverable,
-    RemoteError,
     WireError,
 )
 from ._link import CLOSE_PROTOCOL_ERROR, Link
+from ._remote import failed, rebuild
 from ._wire import Handle, Message
 
 log = logging.getLogger("nursery_procs.router")
@@ -63,9 +63,6 @@ class Route:
     #: ``True`` for the link toward this process's parent.
     upward: bool = False
     owner: RouteOwner | None = None
-    #: Messages forwarded or delivered from this link.
-    messages_in: int = 0
-    messages_out: int = 0
 
 
 @attrs.frozen
@@ -82,10 +79,19 @@ class ContextInfo:
     pid: int
 
 
+#: The payload of a reply that acknowledges a cancellation: the work was cancelled.
+_CANCELLED: Final = (None, "cancelled")
+#: ... or: the work cannot be interrupted (a sync function); its reply follows.
+_DEFERRED: Final = (None, "deferred")
+
+
 @attrs.define(eq=False)
 class _Pending:
     dst_id: int
     event: trio.Event = attrs.field(factory=trio.Event)
+    #: Set once settled, or once the other side said the work cannot be interrupted.
+    noted: trio.Event = attrs.field(factory=trio.Event)
+    deferred: bool = False
     result: Any = None
     error: BaseException | None = None
 
@@ -94,19 +100,16 @@ class _Pending:
             self.result = result
             self.error = error
             self.event.set()
+            self.noted.set()
+
+    def defer(self) -> None:
+        self.deferred = True
+        self.noted.set()
 
 
-def outcome_of(exc: BaseException) -> RemoteError:
-    """Wrap an exception raised here so that it can travel to another context."""
-    if isinstance(exc, RemoteError):
-        return exc
-    kind = type(exc)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
-    return RemoteError(name, str(exc), "".join(traceback.format_exception(exc)))
+class CancelledRemotely(Exception):
+    """The other side acknowledged the cancellation of a request (never raised to
+    users: their own ``Cancelled`` is)."""
 
 
 def current_router() -> Router:
@@ -149,6 +152,14 @@ class Router:
         #: Contexts this router knows about (its subtree; for the root, the whole tree).
         self.directory: dict[int, ContextInfo] = {}
         self._gone_waiters: dict[int, trio.Event] = {}
+        #: Requests being answered here, by ``(requester, reply_to)``: their scopes,
+        #: and whether the work is a sync function (which cannot be interrupted).
+        self._answering: dict[tuple[int, int], tuple[trio.CancelScope, bool]] = {}
+        #: Requests waiting in an inbox, and those among them already cancelled.
+        self._queued: set[tuple[int, int]] = set()
+        self._cancelled: set[tuple[int, int]] = set()
+        #: Reply handles whose caller stopped waiting: a late reply is dropped quietly.
+        self._abandoned: set[int] = set()
         self.dropped = 0
         self.dead_replies_sent = 0
         self._handlers[Handle.ADD_ROUTE] = self._on_add_route
@@ -156,6 +167,7 @@ class Router:
         self._handlers[Handle.DEAD] = self._on_dead_notice
         self._handlers[Handle.CHANNEL] = self._to_inbox
         self._handlers[Handle.REQUEST] = self._on_request
+        self._handlers[Handle.CANCEL] = self._on_cancel
         if context_id == ROOT_ID:
             self._handlers[Handle.ALLOCATE_ID] = self._on_allocate_id
 
@@ -215,18 +227,27 @@ class Router:
         nursery: trio.Nursery,
         call: tuple[tuple[Any, ...], dict[str, Any]] | None,
     ) -> None:
-        """Run *handler* on *msg*'s payload (or on *call*'s arguments) and reply.
+        """Run *handler* on *msg*'s payload (or, for a call, on *call*'s arguments)
+        and reply.
 
-        A sync handler runs here and now; an awaitable result is awaited in a new
-        task of *nursery*, so slow handlers never hold up the pump.
+        A request's sync handler runs here and now (the fastest path). An async
+        handler or function runs in a task of *nursery*, and a called sync function
+        in a worker thread, so that neither holds up the pump: SHUTDOWN, other
+        requests and cancellations are still read while they run.
         """
+        key = (msg.src_id, msg.reply_to)
+        self._queued.discard(key)
+        if key in self._cancelled:  # cancelled while it waited in an inbox
+            self._cancelled.discard(key)
+            return
+        if call is not None and not inspect.iscoroutinefunction(handler):
+            work = functools.partial(handler, *call[0], **call[1])
+            nursery.start_soon(self._answer_in_thread, msg, work)
+            return
         try:
-            if call is None:
-                result = handler(_wire.decode(msg))
-            else:
-                result = handler(*call[0], **call[1])
+            result = handler(_wire.decode(msg)) if call is None else handler(*call[0], **call[1])
         except Exception as exc:
-            await self.reply(msg, (False, outcome_of(exc)))
+            await self.reply(msg, failed(exc))
             return
         if inspect.isawaitable(result):
             nursery.start_soon(self._finish_answer, msg, result)
@@ -234,12 +255,48 @@ class Router:
             await self.reply(msg, (True, result))
 
     async def _finish_answer(self, msg: Message, pending: Awaitable[Any]) -> None:
+        key = (msg.src_id, msg.reply_to)
+        outcome: tuple[Any, Any] = _CANCELLED
+        with trio.CancelScope() as scope:
+            self._answering[key] = (scope, False)
+            try:
+                outcome = (True, await pending)
+            except Exception as exc:
+                outcome = failed(exc)
+            finally:
+                del self._answering[key]
+        await self.reply(msg, outcome)
+
+    async def _answer_in_thread(self, msg: Message, work: Callable[[], Any]) -> None:
+        key = (msg.src_id, msg.reply_to)
+        self._answering[key] = (trio.CancelScope(), True)
         try:
-            result = await pending
+            outcome: tuple[Any, Any] = (True, await trio.to_thread.run_sync(work))
         except Exception as exc:
-            await self.reply(msg, (False, outcome_of(exc)))
-        else:
-            await self.reply(msg, (True, result))
+            outcome = failed(exc)
+        finally:
+            del self._answering[key]
+        await self.reply(msg, outcome)
+
+    def _on_cancel(self, msg: Message, route: Route | None) -> Awaitable[None] | None:
+        try:
+            reply_to = int(_wire.decode(msg))
+        except (WireError, ValueError, TypeError):
+            self._drop(msg, route, "malformed CANCEL")
+            return None
+        key = (msg.src_id, reply_to)
+        answering = self._answering.get(key)
+        if answering is not None:
+            scope, uninterruptible = answering
+            if uninterruptible:
+                return self._send_reply(msg.src_id, reply_to, _DEFERRED)
+            scope.cancel()  # its task acknowledges with its reply
+            return None
+        if key in self._queued:
+            self._queued.discard(key)
+            self._cancelled.add(key)
+            return self._send_reply(msg.src_id, reply_to, _CANCELLED)
+        return None  # answered already: that reply is the acknowledgement
 
     def new_handle(self) -> int:
         handle = self._next_handle
@@ -267,6 +324,8 @@ class Router:
                 pair[0].close()
 
     def _to_inbox(self, msg: Message, route: Route | None) -> None:
+        if msg.handle == Handle.REQUEST and msg.reply_to:
+            self._queued.add((msg.src_id, msg.reply_to))
         pair = self._inboxes.get((msg.src_id, msg.handle))
         if pair is None:
             self.inbox(msg.src_id, msg.handle)
@@ -304,6 +363,8 @@ class Router:
     async def _forget(self, ids: frozenset[int], error: Callable[[int], BaseException]) -> None:
         if not ids:
             return
+        self._queued = {key for key in self._queued if key[0] not in ids}
+        self._cancelled = {key for key in self._cancelled if key[0] not in ids}
         for context_id in ids:
             self._routes.pop(context_id, None)
             self.directory.pop(context_id, None)
@@ -402,7 +463,6 @@ class Router:
                 f"{route.link.max_message_size} bytes"
             )
         await route.link.send(header, msg.data)
-        route.messages_out += 1
 
     async def send(self, msg: Message) -> None:
         """Send *msg* toward its destination.
@@ -420,27 +480,80 @@ class Router:
             raise MessageUndeliverable(f"no route to context {msg.dst_id} (from {self.id})")
         await self._send_on(route, msg)
 
-    async def request(self, dst_id: int, handle: int, obj: object) -> Any:
+    async def request(
+        self,
+        dst_id: int,
+        handle: int,
+        obj: object,
+        *,
+        cancel_timeout: float = 5.0,
+        on_unacknowledged: Callable[[], None] | None = None,
+        cancel_remotely: bool = True,
+    ) -> Any:
         """Send *obj* to ``(dst_id, handle)`` and wait for the one reply.
 
         Raises:
             MessageUndeliverable: a dead reply came back.
             ContextDied: the destination (or the route to it) went away first.
-            RemoteError: the remote handler raised.
+            Exception: the remote handler raised this (rebuilt here), or
+                :class:`RemoteError` where it cannot be rebuilt.
+
+        **Cancellation:** unless *cancel_remotely* is false, the destination is told
+        to cancel the work (CANCEL), and this waits, shielded, for its
+        acknowledgement: at most *cancel_timeout* seconds, after which
+        *on_unacknowledged* is called. Work that cannot be interrupted (a sync
+        function) is waited for, as :func:`trio.to_thread.run_sync` does.
         """
         reply_to = self.new_handle()
         pending = _Pending(dst_id)
         self._pending[reply_to] = pending
         self._handlers[reply_to] = self._on_reply
+        sent = False
         try:
             await self.send(_wire.make(dst_id, self.id, handle, obj, reply_to))
+            sent = True
             await pending.event.wait()
+        except trio.Cancelled:
+            if sent and cancel_remotely and not pending.event.is_set():
+                await self._cancel_remote(
+                    dst_id, reply_to, pending, cancel_timeout, on_unacknowledged
+                )
+            raise
         finally:
             del self._pending[reply_to]
             del self._handlers[reply_to]
+            if sent and not pending.event.is_set():
+                self._abandoned.add(reply_to)
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    async def _cancel_remote(
+        self,
+        dst_id: int,
+        reply_to: int,
+        pending: _Pending,
+        wait_at_most: float,
+        on_unacknowledged: Callable[[], None] | None,
+    ) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.send(_wire.make(dst_id, self.id, Handle.CANCEL, reply_to))
+            except (LinkClosed, MessageUndeliverable, WireError):
+                return  # the work is going away with its context
+            with trio.move_on_after(wait_at_most):
+                await pending.noted.wait()
+            if pending.deferred:
+                await pending.event.wait()
+            elif not pending.event.is_set():
+                log.warning(
+                    "%r: context %d did not acknowledge a cancellation within %s s",
+                    self,
+                    dst_id,
+                    wait_at_most,
+                )
+                if on_unacknowledged is not None:
+                    on_unacknowledged()
 
     def _on_reply(self, msg: Message, route: Route | None) -> None:
         pending = self._pending.get(msg.handle)
@@ -454,29 +567,36 @@ class Router:
         except (WireError, ValueError, TypeError) as exc:
             pending.settle(error=WireError(f"malformed reply: {exc}"))
             return
-        if ok:
+        if ok is None:
+            if value == _DEFERRED[1]:
+                pending.defer()
+            else:
+                pending.settle(error=CancelledRemotely("the work was cancelled"))
+        elif ok:
             pending.settle(result=value)
         else:
-            pending.settle(
-                error=value
-                if isinstance(value, BaseException)
-                else RemoteError("unknown", repr(value), "")
-            )
+            pending.settle(error=rebuild(value))
 
-    async def reply(self, msg: Message, outcome: tuple[bool, object]) -> None:
+    async def _send_reply(self, dst_id: int, reply_to: int, outcome: tuple[Any, Any]) -> None:
+        try:
+            await self.send(_wire.make(dst_id, self.id, reply_to, outcome))
+        except (LinkClosed, MessageUndeliverable, WireError):
+            log.debug("%r: the requester %d went away before its reply", self, dst_id)
+
+    async def reply(self, msg: Message, outcome: tuple[Any, object]) -> None:
         """Answer *msg* (which carried a ``reply_to``); swallow a vanished requester."""
         if not msg.reply_to:
             return
         try:
             reply = _wire.make(msg.src_id, self.id, msg.reply_to, outcome)
         except WireError as exc:
-            reply = _wire.make(msg.src_id, self.id, msg.reply_to, (False, outcome_of(exc)))
+            reply = _wire.make(msg.src_id, self.id, msg.reply_to, failed(exc))
         try:
             await self.send(reply)
         except (LinkClosed, MessageUndeliverable):
             log.debug("%r: the requester %d went away before its reply", self, msg.src_id)
         except WireError as exc:
-            await self.send(_wire.make(msg.src_id, self.id, msg.reply_to, (False, outcome_of(exc))))
+            await self.send(_wire.make(msg.src_id, self.id, msg.reply_to, failed(exc)))
 
     # -- receiving -------------------------------------------------------
 
@@ -498,7 +618,6 @@ class Router:
                 log.warning("%r: closing the link to %d: %s", self, route.peer_id, exc)
                 await link.aclose(CLOSE_PROTOCOL_ERROR, str(exc)[:100])
                 return
-            route.messages_in += 1
             await self.dispatch(msg, route)
 
     async def dispatch(self, msg: Message, route: Route | None) -> None:
@@ -551,6 +670,10 @@ class Router:
             return
         handler = self._handlers.get(msg.handle)
         if handler is None:
+            if msg.handle in self._abandoned:
+                # A reply (or its dead notice) after its caller stopped waiting.
+                self._abandoned.discard(msg.handle)
+                return
             if msg.is_dead:
                 self._on_dead_notice(msg, route)
                 return

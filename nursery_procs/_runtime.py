@@ -33,7 +33,8 @@ from ._context import _PARENT, parent_context
 from ._errors import LinkClosed, WireError
 from ._link import CLOSE_NORMAL, Link, connect_link
 from ._process import DEBUG_SLEEP_ENV
-from ._router import _ROUTER, Route, Router, outcome_of
+from ._remote import failed
+from ._router import _ROUTER, Route, Router
 from ._spec import Bootstrap, load_main_module, resolve
 from ._stdio import ForwardingHandler
 from ._wire import Handle, Message
@@ -221,7 +222,7 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
                 logging.getLogger("nursery_procs.runtime").error(
                     "target %r raised", getattr(target, "__qualname__", target), exc_info=True
                 )
-                outcome = (False, outcome_of(exc))
+                outcome = failed(exc)
                 exit_code = 1
         # Report and close, under a shield: a shutdown must not lose the tail.
         with trio.CancelScope(shield=True) as scope:
@@ -230,9 +231,7 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
             try:
                 await router.send(_wire.make(boot.parent_id, router.id, Handle.RESULT, outcome))
             except WireError as exc:
-                await router.send(
-                    _wire.make(boot.parent_id, router.id, Handle.RESULT, (False, outcome_of(exc)))
-                )
+                await router.send(_wire.make(boot.parent_id, router.id, Handle.RESULT, failed(exc)))
             except LinkClosed:
                 pass
             await link.aclose(CLOSE_NORMAL, "child exiting")
@@ -255,6 +254,6 @@ async def _answer_call(router: Router, msg: Message, nursery: trio.Nursery) -> N
         fn, args, kwargs = _wire.decode(msg)
         function = resolve(fn)
     except Exception as exc:
-        await router.reply(msg, (False, outcome_of(exc)))
+        await router.reply(msg, failed(exc))
         return
     await router.answer_soon(msg, function, nursery, (tuple(args), dict(kwargs)))

@@ -36,6 +36,7 @@ from ._process import (
     kill_and_reap,
     spawn,
 )
+from ._remote import rebuild
 from ._router import ContextInfo, Route, Router, current_router
 from ._spec import Bootstrap, Target, dump_target, main_module_spec
 from ._stdio import child_logger, emit, pump_lines
@@ -110,9 +111,11 @@ class _Incarnation:
             life.note(said_ready=True)
         elif msg.handle == Handle.RESULT:
             try:
-                life.note(outcome=_wire.decode(msg))
-            except WireError as exc:
-                life.note(outcome=(False, exc))
+                ok, value = _wire.decode(msg)
+            except (WireError, ValueError, TypeError) as exc:
+                life.note(outcome=(False, WireError(f"malformed result: {exc}")))
+            else:
+                life.note(outcome=(True, value) if ok else (False, rebuild(value)))
         elif msg.handle == Handle.LOG:
             try:
                 logger_name, level, text, created, exc_text = _wire.decode(msg)
@@ -371,9 +374,7 @@ class Supervisor:
             else:
                 life.advance(State.READY)
                 task_status.started(ctx)
-                await life.wait_until(
-                    lambda: life.link_done or life.stop_requested or life.process_exited
-                )
+                await life.wait_until(lambda: life.must_stop)
         finally:
             with trio.CancelScope(shield=True):
                 await self._wind_down(child, run, process, drained)
@@ -393,7 +394,7 @@ class Supervisor:
         """Stop the process (gracefully if it booted), reap it, close its link and pipes."""
         life = run.life
         if process is not None:
-            if life.said_ready and process.returncode is None:
+            if life.said_ready and process.returncode is None and not life.kill_requested:
                 life.advance(State.STOPPING)
                 self._note_link_fault(run)
                 await child.send_shutdown()
@@ -403,7 +404,9 @@ class Supervisor:
                     kill_after=life.policy.kill_after,
                 )
             else:
-                if not life.said_ready:
+                if life.said_ready:
+                    life.advance(State.STOPPING)
+                else:
                     self._failed_starts += 1
                     life.shutdown_sent = True
                 returncode = await kill_and_reap(process)

@@ -33,8 +33,6 @@ _KNOWN_FLAGS = RAW | DEAD
 #: Default largest message (header included) a link accepts.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
-_MAX_U32 = 0xFFFFFFFF
-
 
 class Handle(enum.IntEnum):
     """Reserved handles: where a message goes inside the receiving context."""
@@ -63,6 +61,8 @@ class Handle(enum.IntEnum):
     BOOTSTRAP = 11
     #: Child to parent: the bootstrap is done and the target is starting.
     READY = 12
+    #: Cancel the work a request or call started: the payload is its ``reply_to``.
+    CANCEL = 13
 
 
 FIRST_DYNAMIC_HANDLE = 100
@@ -152,9 +152,3 @@ def make(dst_id: int, src_id: int, handle: int, obj: object, reply_to: int = 0) 
     """Build a message carrying *obj*."""
     flags, data = encode(obj)
     return Message(dst_id, src_id, handle, reply_to, data, flags)
-
-
-def check_id(value: int, what: str) -> int:
-    if not 0 <= value <= _MAX_U32:
-        raise WireError(f"{what} {value} does not fit in 32 bits")
-    return value

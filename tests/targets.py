@@ -221,3 +221,15 @@ async def request_with_payload(context_id: int, size: int) -> str:
     except nursery_procs.MessageUndeliverable as exc:
         return exc.reason
     return "delivered"
+
+
+async def serve_slow_requests() -> None:
+    """Answer "quick" at once; any other request waits until cancelled."""
+    import boundary_targets
+
+    async def handler(obj: Any) -> Any:
+        if obj == "quick":
+            return obj
+        await boundary_targets.wait_until_cancelled(obj)
+
+    await nursery_procs.parent().serve_requests(handler)

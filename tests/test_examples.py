@@ -23,6 +23,6 @@ async def test_quickstart_example_runs() -> None:
     answers = sorted(line.split(" says ")[1] for line in lines if " says " in line)
     assert answers == ["1.414", "1.732", "2.000"]
     assert "HELLO FROM THE PARENT" in lines
-    assert "remote ValueError: math domain error" in lines
+    assert "the child raised ValueError: math domain error" in lines
     assert "3 workers still running" in lines
     assert lines[-1] == "all children reaped: True"

@@ -20,7 +20,6 @@ from nursery_procs._wire import (
     RAW,
     Handle,
     Message,
-    check_id,
     decode,
     encode,
     make,
@@ -227,14 +226,6 @@ def test_make_defaults() -> None:
     assert msg.reply_to == 0
     assert msg.flags == 0
     assert decode(msg) == (True, None)
-
-
-def test_check_id_bounds() -> None:
-    assert check_id(0, "context id") == 0
-    assert check_id(U32_MAX, "context id") == U32_MAX
-    for bad in (-1, U32_MAX + 1):
-        with pytest.raises(WireError, match=f"context id {bad} does not fit in 32 bits"):
-            check_id(bad, "context id")
 
 
 scalars = st.none() | st.booleans() | st.integers() | st.text() | st.binary()

@@ -1,0 +1,24 @@
+"""Calls that must not type-check; each line marked ``# E:`` is an error."""
+
+from __future__ import annotations
+
+import nursery_procs
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+async def greet(name: str) -> str:
+    return f"hello {name}"
+
+
+async def main(ctx: nursery_procs.Context, sup: nursery_procs.Supervisor) -> None:
+    await ctx.call(square, "not an int")  # E: arg-type
+    await ctx.call(greet, 1)  # E: arg-type
+    await ctx.call(square)  # E: arg-type
+    text: str = await ctx.call(square, 2)  # E: arg-type
+    print(text)
+    await sup.start_child(None, nmae="typo")  # E: call-arg
+    async with nursery_procs.open_pool(sup, None, size=2):  # E: call-arg
+        pass
