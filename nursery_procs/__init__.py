@@ -19,6 +19,7 @@ from ._errors import ContextDied as ContextDied
 from ._errors import ContextError as ContextError
 from ._errors import HandshakeError as HandshakeError
 from ._errors import LinkClosed as LinkClosed
+from ._errors import MainModuleError as MainModuleError
 from ._errors import MessageUndeliverable as MessageUndeliverable
 from ._errors import NurseryProcsError as NurseryProcsError
 from ._errors import RemoteError as RemoteError
@@ -39,6 +40,8 @@ from ._process import Policy as Policy
 from ._process import describe_exit as describe_exit
 from ._remote import RemoteTraceback as RemoteTraceback
 from ._router import current_router as current_router
+from ._signals import SignalShutdown as SignalShutdown
+from ._signals import open_signal_shutdown as open_signal_shutdown
 from ._supervisor import Restart as Restart
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar, TypeVarTuple, overload
 
@@ -202,7 +202,7 @@ class OwnedChild:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + life.policy.close_deadline
             await self.send_shutdown()
-            life.note(stop_requested=True)
+            life.note(stop_requested=True, closed_by_owner=life.closed_by_owner or not life.exited)
             await life.wait_for_state(State.EXITED)
 
 
@@ -274,11 +274,15 @@ class _Parent:
 
 
 @attrs.define(eq=False, repr=False)
-class Context:
+class Context(trio.abc.Channel[Any]):
     """A handle on another context: a child you started, your parent, or any context
     reachable through the tree.
 
-    Messages are any picklable object; ``bytes`` travel without pickling.
+    Messages are any picklable object; ``bytes`` travel without pickling. It is a
+    :class:`trio.abc.Channel` (``send``, ``receive``, ``async for``) and an
+    :class:`trio.abc.AsyncResource`: ``async with ctx:`` closes the child when the
+    block ends. Using a child's handle after closing it raises
+    :class:`trio.ClosedResourceError`.
     """
 
     #: The context's id (the root is 0).
@@ -347,7 +351,11 @@ class Context:
 
     def _check_alive(self) -> None:
         life = self._peer.life
-        if life is not None and life.exited:
+        if life is None or not life.reached(State.STOPPING):
+            return
+        if life.closed_by_owner and life.exited:
+            raise trio.ClosedResourceError(f"{self!r} was closed")
+        if life.exited:
             raise self._died("it has exited")
 
     # -- messages --------------------------------------------------------
@@ -399,16 +407,6 @@ class Context:
         if life is not None and life.returncode == 0 and not life.crashed:
             return trio.EndOfChannel()
         return self._died()
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Any]:
-        while True:
-            try:
-                yield await self.receive()
-            except trio.EndOfChannel:
-                return
 
     async def request(self, obj: object) -> Any:
         """Send *obj* as a request and return the one reply.

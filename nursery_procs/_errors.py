@@ -109,5 +109,10 @@ class RemoteError(NurseryProcsError):
         )
 
 
+class MainModuleError(NurseryProcsError, RuntimeError):
+    """A child could not import the parent's main module, most often because the
+    script starts its work on import (no ``if __name__ == "__main__":`` guard)."""
+
+
 class SupervisorError(NurseryProcsError):
     """The supervisor gave up, for example after too many restarts."""

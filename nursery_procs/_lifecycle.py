@@ -101,6 +101,8 @@ class Lifecycle:
     process_exited: bool = False
     #: Someone asked for this child to stop: it is not restarted.
     stop_requested: bool = False
+    #: ... and asked while it was still running (its handle is then closed, not dead).
+    closed_by_owner: bool = False
     shutdown_sent: bool = False
     #: Why the child was judged faulty even if it exited 0 (a protocol error, a
     #: failed restart, a cancellation it did not acknowledge).

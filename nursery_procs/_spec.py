@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from ._errors import WireError
+from ._errors import MainModuleError, WireError
 
 Target = Callable[..., Any] | str | None
 
@@ -69,10 +69,20 @@ def load_main_module(how: tuple[str, str]) -> None:
     if "__mp_main__" in sys.modules:
         return
     kind, where = how
-    if kind == "module":
-        namespace = runpy.run_module(where, run_name="__mp_main__", alter_sys=False)
-    else:
-        namespace = runpy.run_path(where, run_name="__mp_main__")
+    try:
+        if kind == "module":
+            namespace = runpy.run_module(where, run_name="__mp_main__", alter_sys=False)
+        else:
+            namespace = runpy.run_path(where, run_name="__mp_main__")
+    except Exception as exc:
+        raise MainModuleError(
+            f"the child could not import the parent's main module {where!r}: "
+            f"{type(exc).__name__}: {exc}. Each child imports it again (as "
+            "multiprocessing does) to find the functions it runs, so a script must "
+            "not start its work on import: put the entry point under "
+            '`if __name__ == "__main__":` (for example `if __name__ == "__main__": '
+            "trio.run(main)`)."
+        ) from exc
     module = types.ModuleType("__mp_main__")
     module.__dict__.update(namespace)
     sys.modules["__mp_main__"] = sys.modules["__main__"] = module

@@ -6,8 +6,9 @@ import collections
 import enum
 import logging
 import os
+import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -380,8 +381,12 @@ class Supervisor:
                 await self._wind_down(child, run, process, drained)
                 await self._finish(run, route)
         if boot_failure is not None:
+            detail = boot_failure.detail
+            last_error = _last_error_line(life.stderr_tail)
+            if last_error:
+                detail += f"; it said: {last_error}"
             raise ChildStartError(
-                life.name, ctx.id, life.returncode, tuple(life.stderr_tail), boot_failure.detail
+                life.name, ctx.id, life.returncode, tuple(life.stderr_tail), detail
             ) from boot_failure.__cause__
 
     async def _wind_down(
@@ -524,6 +529,19 @@ class _BootFailed(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+_ERROR_LINE = re.compile(r"^[\s|]*((?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception)\b.*)$")
+
+
+def _last_error_line(tail: Iterable[str]) -> str | None:
+    """The last ``SomeError: message`` line a child wrote to stderr, if any."""
+    found = None
+    for line in tail:
+        match = _ERROR_LINE.match(line)
+        if match:
+            found = match.group(1)
+    return found
 
 
 async def _drop_unlinked_stream(life: Lifecycle, spawned: Spawned) -> None:

@@ -314,3 +314,17 @@ async def test_every_lookup_returns_the_handle_start_child_returned() -> None:
         assert gone.state is nursery_procs.State.EXITED
         with pytest.raises(RuntimeError, match="not started by this process"):
             await gone.wait()
+
+
+async def test_a_context_is_a_trio_channel_and_async_resource() -> None:
+    async with nursery_procs.open_supervisor() as sup:
+        ctx = await sup.start_child(targets.echo_messages)
+        assert isinstance(ctx, trio.abc.Channel)
+        async with ctx:
+            await ctx.send("ping")
+            assert await ctx.receive() == "ping"
+        assert ctx.state is State.EXITED
+        with pytest.raises(trio.ClosedResourceError):
+            await ctx.send("after close")
+        with pytest.raises(trio.ClosedResourceError):
+            await ctx.call(targets.add, 1, 2)
