@@ -328,3 +328,15 @@ async def test_a_context_is_a_trio_channel_and_async_resource() -> None:
             await ctx.send("after close")
         with pytest.raises(trio.ClosedResourceError):
             await ctx.call(targets.add, 1, 2)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+async def test_a_users_exception_group_passes_through_unchanged(members: int) -> None:
+    mine = ExceptionGroup("mine", [ValueError(str(i)) for i in range(members)])
+    with pytest.raises(ExceptionGroup) as info:
+        async with nursery_procs.open_supervisor() as sup:
+            await sup.start_child(None)
+            raise mine
+    # The same group: its message and its very members, with no layer added or removed.
+    assert info.value.message == "mine"
+    assert list(info.value.exceptions) == list(mine.exceptions)
