@@ -711,7 +711,7 @@ class Pool:
     async def _start_child(self, name: str, epoch: int) -> None:
         try:
             ctx = await self.supervisor.start_child(
-                self._target, *self._args, name=name, policy=self._policy
+                self._target, *self._args, name=name, policy=self._policy, raise_on_crash=False
             )
         except (ChildStartError, WireError, OSError) as exc:
             self._starting -= 1

@@ -218,6 +218,7 @@ class Supervisor:
         policy: Policy | None = None,
         debug_sleep: float | None = None,
         restart: Restart | str = Restart.TEMPORARY,
+        raise_on_crash: bool = True,
     ) -> Context:
         """Start ``target(*args)`` in a new child process; return once it is ready.
 
@@ -238,6 +239,12 @@ class Supervisor:
                 :class:`ContextDied`. More than ``max_restarts`` restarts within
                 ``restart_window`` seconds make the supervisor fail with
                 :class:`SupervisorError`.
+            raise_on_crash: a child that ends abnormally (a non-zero status, a
+                signal, its target raised, a cancellation it did not acknowledge)
+                without being shut down on purpose, and is not restarted, raises
+                :class:`ContextDied` into the supervisor's block, cancelling it, as a
+                failing task cancels its nursery. ``False``: it is only logged (and
+                its handle's :meth:`Context.wait` still reports it).
 
         Raises:
             ChildStartError: the child exited, broke its handshake, or was not ready
@@ -261,7 +268,7 @@ class Supervisor:
         ctx, child = owned_context(context_id, name, self._router, Lineage(life))
         self._started_total += 1
         result: Context = await self._nursery.start(
-            self._run_with_restarts, ctx, child, blob, restart
+            self._run_with_restarts, ctx, child, blob, restart, raise_on_crash
         )
         return result
 
@@ -271,6 +278,7 @@ class Supervisor:
         child: OwnedChild,
         blob: bytes,
         restart: Restart,
+        raise_on_crash: bool,
         *,
         task_status: trio.TaskStatus[Context],
     ) -> None:
@@ -294,6 +302,21 @@ class Supervisor:
             self._children.pop(ctx.id, None)
             owned.pop(ctx.id, None)
             child.lineage.end()
+        life = child.life
+        if raise_on_crash and self._crash_is_an_error(life):
+            raise ContextDied(
+                life.name,
+                ctx.id,
+                life.returncode,
+                tuple(life.stderr_tail),
+                f"it crashed ({life.fault or describe_exit(life.returncode)})",
+            ) from (life.outcome[1] if life.target_failed and life.outcome else None)
+
+    def _crash_is_an_error(self, life: Lifecycle) -> bool:
+        """Whether the end of a child that is not restarted fails the supervisor."""
+        if self._closed or life.stop_requested or life.kill_requested:
+            return False
+        return life.crashed
 
     def _should_restart(self, life: Lifecycle, restart: Restart) -> bool:
         if self._closed or life.stop_requested or restart is Restart.TEMPORARY:
@@ -326,13 +349,20 @@ class Supervisor:
         policy: Policy | None = None,
         debug_sleep: float | None = None,
         restart: Restart | str = Restart.TEMPORARY,
+        raise_on_crash: bool = True,
     ) -> AsyncIterator[Context]:
         """Start a child bound to a block: leaving the block shuts it down gracefully.
 
         The arguments are those of :meth:`start_child`.
         """
         ctx = await self.start_child(
-            target, *args, name=name, policy=policy, debug_sleep=debug_sleep, restart=restart
+            target,
+            *args,
+            name=name,
+            policy=policy,
+            debug_sleep=debug_sleep,
+            restart=restart,
+            raise_on_crash=raise_on_crash,
         )
         try:
             yield ctx

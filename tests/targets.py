@@ -157,7 +157,12 @@ async def tree_node(depth: int, fanout: int, marker_dir: str | None = None) -> N
                         async def start(i: int = i) -> None:
                             kids.append(
                                 await sup.start_child(
-                                    tree_node, depth - 1, fanout, marker_dir, name=f"{me}.{i}"
+                                    tree_node,
+                                    depth - 1,
+                                    fanout,
+                                    marker_dir,
+                                    name=f"{me}.{i}",
+                                    raise_on_crash=False,
                                 )
                             )
 

@@ -75,7 +75,7 @@ async def test_target_result_and_target_error() -> None:
         ok = await sup.start_child(targets.returns, {"answer": 42})
         assert await ok.wait() == {"answer": 42}
         assert ok.returncode == 0
-        bad = await sup.start_child(targets.raises_in_target, "target broke")
+        bad = await sup.start_child(targets.raises_in_target, "target broke", raise_on_crash=False)
         with pytest.raises(RuntimeError, match="target broke"):
             await bad.wait()
         assert bad.returncode == 1
@@ -90,7 +90,9 @@ async def test_iteration_ends_when_the_child_finishes() -> None:
 
 async def test_crash_mid_request_raises_context_died_at_once() -> None:
     async with nursery_procs.open_supervisor(policy=FAST) as sup:
-        ctx = await sup.start_child(targets.serve_dying_requests, name="fragile")
+        ctx = await sup.start_child(
+            targets.serve_dying_requests, name="fragile", raise_on_crash=False
+        )
         assert await ctx.request("hello") == "hello"
         with trio.fail_after(5):
             with pytest.raises(ContextDied) as info:
@@ -108,7 +110,7 @@ async def test_crash_mid_request_raises_context_died_at_once() -> None:
 
 async def test_crash_mid_call_by_sigkill() -> None:
     async with nursery_procs.open_supervisor() as sup:
-        ctx = await sup.start_child(None)
+        ctx = await sup.start_child(None, raise_on_crash=False)
         with trio.fail_after(5), pytest.raises(ContextDied) as info:
             await ctx.call(targets.kill_self)
         assert info.value.returncode == -signal.SIGKILL
@@ -239,7 +241,7 @@ async def test_malformed_frame_closes_only_that_link(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.WARNING)
     async with nursery_procs.open_supervisor(policy=FAST) as sup:
         bystander = await sup.start_child(None, name="bystander")
-        bad = await sup.start_child(None, name="garbler")
+        bad = await sup.start_child(None, name="garbler", raise_on_crash=False)
         # Reserved bits set: a protocol error.
         with pytest.raises(ContextDied):
             await bad.call(targets.write_raw, b"\xf2\x80\x00\x00\x00\x00")
@@ -257,7 +259,7 @@ async def test_oversized_message_closes_the_link_with_1009(
     policy = Policy(max_message_size=64 * 1024, grace_period=2.0)
     async with nursery_procs.open_supervisor(policy=policy) as sup:
         bystander = await sup.start_child(None, name="calm")
-        big = await sup.start_child(None, name="bigmouth")
+        big = await sup.start_child(None, name="bigmouth", raise_on_crash=False)
         # A masked binary frame declaring 2**40 bytes: refused before reading it.
         header = b"\x82\xff" + (1 << 40).to_bytes(8, "big") + b"\x00\x00\x00\x00"
         with pytest.raises(ContextDied):
@@ -292,7 +294,7 @@ async def test_forward_ends_quietly_when_a_side_goes_away() -> None:
 
 async def test_sibling_children_are_independent() -> None:
     async with nursery_procs.open_supervisor() as sup:
-        a = await sup.start_child(None, name="a")
+        a = await sup.start_child(None, name="a", raise_on_crash=False)
         b = await sup.start_child(None, name="b")
         with pytest.raises(ContextDied):
             await a.call(targets.kill_self)
@@ -340,3 +342,36 @@ async def test_a_users_exception_group_passes_through_unchanged(members: int) ->
     # The same group: its message and its very members, with no layer added or removed.
     assert info.value.message == "mine"
     assert list(info.value.exceptions) == list(mine.exceptions)
+
+
+async def test_a_crash_nobody_awaits_cancels_the_supervisor_block() -> None:
+    cancelled = False
+    with pytest.raises(ContextDied) as info:
+        async with nursery_procs.open_supervisor() as sup:
+            ctx = await sup.start_child(None, name="crasher")
+            bystander = await sup.start_child(None, name="bystander")
+            with trio.CancelScope(shield=True):
+                os.kill(ctx.pid or 0, signal.SIGKILL)
+                await ctx.wait_exited()
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                cancelled = True
+                raise
+    assert cancelled
+    assert info.value.name == "crasher"
+    assert info.value.returncode == -signal.SIGKILL
+    assert "it crashed (SIGKILL)" in str(info.value)
+    # The other child was shut down gracefully, as when any task fails a nursery.
+    assert bystander.returncode == 0
+
+
+async def test_a_crash_is_only_logged_when_the_child_opted_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with nursery_procs.open_supervisor() as sup:
+        ctx = await sup.start_child(None, name="tolerated", raise_on_crash=False)
+        os.kill(ctx.pid or 0, signal.SIGKILL)
+        assert await ctx.wait_exited() == -signal.SIGKILL
+        assert sup.statistics().crashed_total == 1
+    assert "child exited: SIGKILL" in caplog.text
