@@ -226,6 +226,8 @@ class Router:
         handler: Callable[..., Any],
         nursery: trio.Nursery,
         call: tuple[tuple[Any, ...], dict[str, Any]] | None,
+        *,
+        inline: bool = False,
     ) -> None:
         """Run *handler* on *msg*'s payload (or, for a call, on *call*'s arguments)
         and reply.
@@ -233,14 +235,16 @@ class Router:
         A request's sync handler runs here and now (the fastest path). An async
         handler or function runs in a task of *nursery*, and a called sync function
         in a worker thread, so that neither holds up the pump: SHUTDOWN, other
-        requests and cancellations are still read while they run.
+        requests and cancellations are still read while they run. With *inline*
+        (a call whose caller kills the child if cancelled), a sync function runs
+        here and now too.
         """
         key = (msg.src_id, msg.reply_to)
         self._queued.discard(key)
         if key in self._cancelled:  # cancelled while it waited in an inbox
             self._cancelled.discard(key)
             return
-        if call is not None and not inspect.iscoroutinefunction(handler):
+        if call is not None and not inline and not inspect.iscoroutinefunction(handler):
             work = functools.partial(handler, *call[0], **call[1])
             nursery.start_soon(self._answer_in_thread, msg, work)
             return

@@ -251,9 +251,10 @@ def _load_target(boot: Bootstrap) -> tuple[Any, tuple[Any, ...]]:
 
 async def _answer_call(router: Router, msg: Message, nursery: trio.Nursery) -> None:
     try:
-        fn, args, kwargs = _wire.decode(msg)
+        fn, args, kwargs, *options = _wire.decode(msg)
         function = resolve(fn)
     except Exception as exc:
         await router.reply(msg, failed(exc))
         return
-    await router.answer_soon(msg, function, nursery, (tuple(args), dict(kwargs)))
+    inline = bool(options and options[0])
+    await router.answer_soon(msg, function, nursery, (tuple(args), dict(kwargs)), inline=inline)

@@ -71,3 +71,13 @@ def raise_from_module_only_here(folder: str) -> None:
 
 def raise_custom() -> None:
     raise _LocalError("keeps its type")
+
+
+def block_the_loop(address: str) -> None:
+    """A sync function run on the child's event loop: say so over a datagram
+    socket, then block (only a kill ends it)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"started", address)
+    threading.Event().wait()

@@ -104,14 +104,20 @@ async def test_cancelling_a_sync_call_waits_for_it() -> None:
         assert ctx.state is State.READY
 
 
-async def test_kill_on_cancel_kills_the_child_at_once() -> None:
+async def test_kill_on_cancel_kills_the_child_at_once(tmp_path: Path) -> None:
+    address = str(tmp_path / "started.sock")
     async with nursery_procs.open_supervisor() as sup:
         ctx = await sup.start_child(None, name="killed")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: ctx.call(bt.block_until_released, "k", kill_on_cancel=True))
-            await _started(ctx, "k")
-            start = trio.current_time()
-            nursery.cancel_scope.cancel()
+        with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as started:
+            await started.bind(address)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    lambda: ctx.call(bt.block_the_loop, address, kill_on_cancel=True)
+                )
+                # The sync function runs on the child's loop, so it says so over a socket.
+                assert await started.recv(16) == b"started"
+                start = trio.current_time()
+                nursery.cancel_scope.cancel()
         assert trio.current_time() - start < 1.0
         assert await ctx.wait_exited() == -signal.SIGKILL
         assert sup.statistics().crashed_total == 1
