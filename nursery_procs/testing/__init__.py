@@ -8,6 +8,7 @@
   processes, zombies, file descriptors or threads behind.
 """
 
+from ._fakes import FakeAnswers as FakeAnswers
 from ._fakes import FakeBehaviour as FakeBehaviour
 from ._fakes import FakeProcess as FakeProcess
 from ._fakes import fake_spawner as fake_spawner

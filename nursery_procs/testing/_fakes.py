@@ -7,7 +7,9 @@ under test is the real one; only the operating system's process is faked.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import inspect
 import itertools
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,10 +23,11 @@ import trio.testing
 from .. import _wire
 from .._errors import HandshakeError, LinkClosed
 from .._groups import unwrap_sole_exception
-from .._link import CLOSE_NORMAL, connect_link
+from .._link import CLOSE_NORMAL, Link, connect_link
 from .._process import Spawned
+from .._remote import failed
 from .._supervisor import Supervisor, open_supervisor
-from .._wire import Handle
+from .._wire import Handle, Message
 
 _pids = itertools.count(900_000)
 
@@ -85,6 +88,19 @@ class FakeProcess:
 
 
 Spawner = Callable[..., Awaitable[Spawned]]
+#: How a fake child answers ``ctx.call(fn, *args)``: called with ``fn`` (a function
+#: or a ``"module:function"`` string) and the arguments; may be async.
+CallAnswer = Callable[[Any, tuple[Any, ...]], Any]
+#: How a fake child answers ``ctx.request(obj)``: called with ``obj``; may be async.
+RequestAnswer = Callable[[Any], Any]
+
+
+@attrs.frozen
+class FakeAnswers:
+    """How fake children answer calls and requests (``None``: they refuse them)."""
+
+    call: CallAnswer | None = None
+    request: RequestAnswer | None = None
 
 
 def fake_spawner(
@@ -92,12 +108,14 @@ def fake_spawner(
     behaviour: FakeBehaviour = FakeBehaviour.OBEY,
     processes: list[FakeProcess] | None = None,
     lifetime: float = 0.0,
+    answers: FakeAnswers | None = None,
 ) -> Spawner:
     """A ``spawner`` for :func:`open_supervisor` that starts fake children in *nursery*.
 
     Every :class:`FakeProcess` made is appended to *processes* if given.
     *lifetime* is how long a ``CRASH_AFTER_READY`` or ``EXIT_AFTER_READY`` child
-    lives after READY.
+    lives after READY. *answers* says how the children answer calls and requests
+    (in this Trio run, so on its clock); a cancelled call cancels its answer.
     """
 
     async def spawn(*, debug_sleep: float | None = None) -> Spawned:
@@ -105,13 +123,15 @@ def fake_spawner(
         process = FakeProcess(behaviour, lifetime=lifetime)
         if processes is not None:
             processes.append(process)
-        nursery.start_soon(_run_fake_child, theirs, process)
+        nursery.start_soon(_run_fake_child, theirs, process, answers or FakeAnswers())
         return Spawned(process, ours)  # type: ignore[arg-type]
 
     return spawn
 
 
-async def _run_fake_child(stream: trio.abc.Stream, process: FakeProcess) -> None:
+async def _run_fake_child(
+    stream: trio.abc.Stream, process: FakeProcess, answers: FakeAnswers
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def die_with_process() -> None:
@@ -122,7 +142,7 @@ async def _run_fake_child(stream: trio.abc.Stream, process: FakeProcess) -> None
 
         nursery.start_soon(die_with_process)
         try:
-            await _fake_child_protocol(stream, process)
+            await _fake_child_protocol(stream, process, answers)
         except (LinkClosed, HandshakeError):
             pass
         if process.behaviour in (FakeBehaviour.OBEY, FakeBehaviour.CRASH_ON_BOOT):
@@ -130,7 +150,9 @@ async def _run_fake_child(stream: trio.abc.Stream, process: FakeProcess) -> None
         await process.exited.wait()
 
 
-async def _fake_child_protocol(stream: trio.abc.Stream, process: FakeProcess) -> None:
+async def _fake_child_protocol(
+    stream: trio.abc.Stream, process: FakeProcess, answers: FakeAnswers
+) -> None:
     link = await connect_link(stream)
     boot = _wire.decode(_wire.unpack(await link.receive()))
     if process.behaviour is FakeBehaviour.CRASH_ON_BOOT:
@@ -149,12 +171,54 @@ async def _fake_child_protocol(stream: trio.abc.Stream, process: FakeProcess) ->
         else:
             process.exit(1)
         return
-    while True:
-        msg = _wire.unpack(await link.receive())
-        if msg.handle == Handle.SHUTDOWN and process.behaviour is FakeBehaviour.OBEY:
-            await link.send(_wire.pack(_wire.make(parent, me, Handle.RESULT, (True, None))))
-            await link.aclose(CLOSE_NORMAL, "fake child exiting")
-            return
+    async with trio.open_nursery() as work:
+        answering: dict[int, trio.CancelScope] = {}
+        while True:
+            try:
+                msg = _wire.unpack(await link.receive())
+            except LinkClosed:
+                work.cancel_scope.cancel()
+                return
+            if msg.handle == Handle.SHUTDOWN and process.behaviour is FakeBehaviour.OBEY:
+                work.cancel_scope.cancel()
+                await link.send(_wire.pack(_wire.make(parent, me, Handle.RESULT, (True, None))))
+                await link.aclose(CLOSE_NORMAL, "fake child exiting")
+                return
+            if msg.handle in (Handle.CALL, Handle.REQUEST):
+                work.start_soon(_answer, link, msg, answers, answering)
+            elif msg.handle == Handle.CANCEL:
+                scope = answering.get(int(_wire.decode(msg)))
+                if scope is not None:
+                    scope.cancel()
+
+
+async def _answer(
+    link: Link, msg: Message, answers: FakeAnswers, answering: dict[int, trio.CancelScope]
+) -> None:
+    """Answer one call or request the way the test said, as a real child would."""
+    outcome: tuple[Any, Any] = (None, "cancelled")
+    with trio.CancelScope() as scope:
+        answering[msg.reply_to] = scope
+        try:
+            payload = _wire.decode(msg)
+            if msg.handle == Handle.CALL:
+                if answers.call is None:
+                    raise RuntimeError("this fake child was given no answer for calls")
+                result = answers.call(payload[0], tuple(payload[1]))
+            else:
+                if answers.request is None:
+                    raise RuntimeError("this fake child was given no answer for requests")
+                result = answers.request(payload)
+            if inspect.isawaitable(result):
+                result = await result
+            outcome = (True, result)
+        except Exception as exc:
+            outcome = failed(exc)
+        finally:
+            del answering[msg.reply_to]
+    reply = _wire.make(msg.src_id, msg.dst_id, msg.reply_to, outcome)
+    with contextlib.suppress(LinkClosed):
+        await link.send(_wire.pack(reply))
 
 
 @asynccontextmanager
@@ -162,11 +226,17 @@ async def open_fake_supervisor(
     behaviour: FakeBehaviour = FakeBehaviour.OBEY,
     *,
     lifetime: float = 0.0,
+    call: CallAnswer | None = None,
+    request: RequestAnswer | None = None,
     **options: Any,
 ) -> AsyncIterator[tuple[Supervisor, list[FakeProcess]]]:
     """:func:`open_supervisor` whose children are fakes, and the list of their processes.
 
-    *options* go to :func:`open_supervisor` (``policy``, ``max_restarts``, ...).
+    *call* and *request* say how the fake children answer ``ctx.call(fn, *args)``
+    (``call(fn, args)``) and ``ctx.request(obj)`` (``request(obj)``); either may
+    be async, and runs on the test's clock, so a test can check its own timeouts
+    and cancellations. Exceptions they raise reach the caller as from a real
+    child. *options* go to :func:`open_supervisor` (``policy``, ``max_restarts``, ...).
     Meant for ``autojump_clock`` tests of timing policy. An exception from the
     block (or from the supervisor) propagates as itself.
     """
@@ -185,7 +255,13 @@ async def open_fake_supervisor(
         async with trio.open_nursery() as outer:
             fakes: trio.Nursery = await outer.start(host)
             try:
-                spawner = fake_spawner(fakes, behaviour, processes, lifetime=lifetime)
+                spawner = fake_spawner(
+                    fakes,
+                    behaviour,
+                    processes,
+                    lifetime=lifetime,
+                    answers=FakeAnswers(call=call, request=request),
+                )
                 async with open_supervisor(spawner=spawner, **options) as supervisor:
                     yield supervisor, processes
             finally:
