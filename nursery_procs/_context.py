@@ -73,12 +73,17 @@ def _remote_context(router: Router, context_id: int) -> Context:
     return Context(context_id, name, parent_id, router, _Remote(router, context_id, pid))
 
 
-async def serve_requests(handler: Callable[[Any], Awaitable[Any] | Any]) -> None:
+async def serve_requests(
+    handler: Callable[[Any], Awaitable[Any] | Any],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Answer requests from every context (those without a server of their own).
 
     Like :meth:`Context.serve_requests`, for any requester in the tree: the
-    handler's return value is the reply, its exception a :class:`RemoteError`.
-    Never returns.
+    handler's return value is the reply, its exception is raised to the
+    requester. Never returns. ``await nursery.start(serve_requests, handler)``
+    returns once requests are being served.
 
     Raises:
         RuntimeError: requests from every context are already being served here.
@@ -91,6 +96,7 @@ async def serve_requests(handler: Callable[[Any], Awaitable[Any] | Any]) -> None
         try:
             for msg in router.queued_requests():
                 await router.answer_soon(msg, handler, nursery, None)
+            task_status.started()
             await trio.sleep_forever()
         finally:
             router.stop_serving_requests(ANY_SOURCE)
@@ -511,13 +517,20 @@ class Context(trio.abc.Channel[Any]):
         except LinkClosed as exc:
             raise self._died(f"its link is closed ({exc})") from None
 
-    async def serve_requests(self, handler: Callable[[Any], Awaitable[Any] | Any]) -> None:
+    async def serve_requests(
+        self,
+        handler: Callable[[Any], Awaitable[Any] | Any],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Answer every :meth:`request` this context sends here with ``handler(obj)``.
 
         A sync handler is called straight from the link's reader (the fastest
-        path); an async one runs in a task per request. The handler's return value
-        is the reply; its exception reaches the requester as :class:`RemoteError`.
-        Returns when the context is gone.
+        path); an async one runs in a task per request, which a cancelled
+        requester cancels. The handler's return value is the reply; its exception
+        is raised to the requester as its own type. Returns when the context is
+        gone. ``await nursery.start(ctx.serve_requests, handler)`` returns once
+        requests are being served.
 
         Raises:
             RuntimeError: requests from this context are already being served.
@@ -534,9 +547,11 @@ class Context(trio.abc.Channel[Any]):
                 except trio.WouldBlock:
                     break
                 except trio.EndOfChannel:
+                    task_status.started()
                     return
                 await router.answer_soon(msg, handler, nursery, None)
             router.serve_requests(self.id, handler, nursery)
+            task_status.started()
             try:
                 async for msg in self._requests:  # ends when the context is gone
                     await router.answer_soon(msg, handler, nursery, None)

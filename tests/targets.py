@@ -238,3 +238,8 @@ async def serve_slow_requests() -> None:
         await boundary_targets.wait_until_cancelled(obj)
 
     await nursery_procs.parent().serve_requests(handler)
+
+
+async def request_parent(obj: Any) -> Any:
+    """Ask the parent one request and return its answer."""
+    return await nursery_procs.parent().request(obj)

@@ -375,3 +375,12 @@ async def test_a_crash_is_only_logged_when_the_child_opted_out(
         assert await ctx.wait_exited() == -signal.SIGKILL
         assert sup.statistics().crashed_total == 1
     assert "child exited: SIGKILL" in caplog.text
+
+
+async def test_serve_requests_can_be_started() -> None:
+    async with nursery_procs.open_supervisor() as sup:
+        ctx = await sup.start_child(targets.request_parent, "ping")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ctx.serve_requests, str.upper)
+            assert await ctx.wait() == "PING"
+            nursery.cancel_scope.cancel()
