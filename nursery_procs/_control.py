@@ -31,10 +31,10 @@ import trio
 
 from . import _wire
 from ._context import Context
-from ._errors import LinkClosed, MessageUndeliverable, NurseryProcsError, WireError
+from ._errors import ControlSocketBusy, LinkClosed, MessageUndeliverable, PoolClosed, WireError
 from ._groups import unwrap_sole_exception
 from ._lifecycle import State
-from ._pool import Pool, PoolClosed, pools_of
+from ._pool import Pool, pools_of
 from ._supervisor import Supervisor
 from ._wire import Handle
 
@@ -55,22 +55,6 @@ MAX_SOCKET_PATH: Final = 107
 #: Seconds spent draining a client's unread input before closing after an error.
 _LINGER: Final = 1.0
 _RECEIVE_SIZE: Final = 16 * 1024
-
-
-class ControlSocketBusy(NurseryProcsError):
-    """Another server accepts connections on the control socket's path.
-
-    The existing socket is left alone: a control socket is never taken over from
-    a live server (or from one whose liveness cannot be checked, such as a socket
-    of another user).
-
-    Attributes:
-        path: the socket's path.
-    """
-
-    def __init__(self, path: str, detail: str = "another server accepts connections on it") -> None:
-        super().__init__(f"control socket {path!r} is in use: {detail}")
-        self.path = path
 
 
 # -- the socket file -----------------------------------------------------------

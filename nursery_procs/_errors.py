@@ -116,3 +116,27 @@ class MainModuleError(NurseryProcsError, RuntimeError):
 
 class SupervisorError(NurseryProcsError):
     """The supervisor gave up, for example after too many restarts."""
+
+
+class PoolClosed(NurseryProcsError):
+    """The pool is closed (or closed while the caller was waiting for a child)."""
+
+
+class PoolEmpty(NurseryProcsError):
+    """:meth:`Pool.take_nowait` found no idle child ready."""
+
+
+class ControlSocketBusy(NurseryProcsError):
+    """Another server accepts connections on the control socket's path.
+
+    The existing socket is left alone: a control socket is never taken over from
+    a live server (or from one whose liveness cannot be checked, such as a socket
+    of another user).
+
+    Attributes:
+        path: the socket's path.
+    """
+
+    def __init__(self, path: str, detail: str = "another server accepts connections on it") -> None:
+        super().__init__(f"control socket {path!r} is in use: {detail}")
+        self.path = path

@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from ._context import Context
-from ._errors import ChildStartError, NurseryProcsError, WireError
+from ._errors import ChildStartError, PoolClosed, PoolEmpty, WireError
 from ._groups import unwrap_sole_exception
 from ._process import Policy, describe_exit
 from ._spec import Target, dump_target
@@ -33,14 +33,6 @@ log = logging.getLogger("nursery_procs.pool")
 
 #: How many of the most recent takes :attr:`PoolStatistics.take_latency_median` covers.
 LATENCY_WINDOW = 1000
-
-
-class PoolClosed(NurseryProcsError):
-    """The pool is closed (or closed while the caller was waiting for a child)."""
-
-
-class PoolEmpty(NurseryProcsError):
-    """:meth:`Pool.take_nowait` found no idle child ready."""
 
 
 @attrs.frozen

@@ -23,8 +23,8 @@ import pytest
 import trio
 
 import nursery_procs
-from nursery_procs import _cli, _control
-from nursery_procs._control import ControlSocketBusy, open_control, serve_control
+from nursery_procs import ControlSocketBusy, _cli, _control
+from nursery_procs._control import open_control, serve_control
 from nursery_procs._pool import open_pool
 
 CURL = shutil.which("curl") or "/usr/bin/curl"

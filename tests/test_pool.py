@@ -14,8 +14,7 @@ import trio
 import trio.testing
 
 import nursery_procs
-from nursery_procs import ContextDied, Policy, State
-from nursery_procs._pool import Pool, PoolClosed, PoolEmpty, open_pool
+from nursery_procs import ContextDied, Policy, Pool, PoolClosed, PoolEmpty, State, open_pool
 from nursery_procs._process import Spawned
 from nursery_procs.testing import FakeBehaviour, FakeProcess, fake_spawner
 
