@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -11,11 +12,13 @@ import attrs
 import trio
 
 from . import _wire
-from ._errors import ContextDied, LinkClosed, MessageUndeliverable, WireError
+from ._errors import ContextDied, LinkClosed
 from ._lifecycle import Lifecycle, Lineage, State
 from ._process import Policy
 from ._router import ANY_SOURCE, Router, current_router
 from ._wire import Handle
+
+log = logging.getLogger("nursery_procs.context")
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -196,10 +199,7 @@ class OwnedChild:
             return
         life.note(shutdown_sent=True)
         router = self.router
-        try:
-            await router.send(_wire.make(self.context_id, router.id, Handle.SHUTDOWN, None))
-        except (LinkClosed, WireError):
-            pass
+        await router.send_or_drop(_wire.make(self.context_id, router.id, Handle.SHUTDOWN, None))
 
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
@@ -240,16 +240,22 @@ class _Remote:
 
     async def aclose(self) -> None:
         """SHUTDOWN through the tree, then wait until its parent has reaped it and
-        withdrawn its route (shielded)."""
+        withdrawn its route (shielded, for at most the default policy's close
+        deadline: its own parent escalates and reaps it; this only waits)."""
         router = self.router
         if not router.knows(self.context_id):
             return
-        with trio.CancelScope(shield=True):
-            try:
-                await router.send(_wire.make(self.context_id, router.id, Handle.SHUTDOWN, None))
-            except (LinkClosed, WireError, MessageUndeliverable):
-                return
-            await router.wait_gone(self.context_id)
+        shutdown = _wire.make(self.context_id, router.id, Handle.SHUTDOWN, None)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _DEFAULT_POLICY.close_deadline
+            if await router.send_or_drop(shutdown):
+                await router.wait_gone(self.context_id)
+        if scope.cancelled_caught:
+            log.warning(
+                "context %d was not gone %s s after SHUTDOWN; its parent goes on escalating",
+                self.context_id,
+                _DEFAULT_POLICY.close_deadline,
+            )
 
 
 @attrs.define(eq=False)

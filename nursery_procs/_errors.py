@@ -1,6 +1,35 @@
-"""The exceptions nursery_procs raises."""
+"""The exceptions nursery_procs raises, and the one place where a byte stream's
+failures become them."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import trio
+
+#: What a Trio byte stream raises when it cannot be used any more: the peer went
+#: away, the stream was closed under us, or the kernel refused.
+STREAM_ERRORS: tuple[type[Exception], ...] = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+)
+
+
+@contextmanager
+def map_stream_errors(into: Callable[[Exception], BaseException] | None) -> Iterator[None]:
+    """Raise ``into(error)`` for a failed byte stream, or swallow it if *into* is
+    ``None`` (at scope boundaries, where the other side may have gone).
+
+    Every layer that talks to a socket uses this instead of its own tuple of
+    exception types, so what counts as "the stream is gone" is decided once.
+    """
+    try:
+        yield
+    except STREAM_ERRORS as exc:
+        if into is not None:
+            raise into(exc) from None
 
 
 class NurseryProcsError(Exception):
@@ -24,6 +53,12 @@ class LinkClosed(NurseryProcsError):
         super().__init__(f"link closed with code {code}" + (f": {reason}" if reason else ""))
         self.code = code
         self.reason = reason
+
+
+class LinkClosedHere(LinkClosed, trio.ClosedResourceError):
+    """The link was closed by this side, and then used: as with any Trio resource,
+    that raises :class:`trio.ClosedResourceError` (this is one, and a
+    :class:`LinkClosed` too)."""
 
 
 class HandshakeError(NurseryProcsError):

@@ -14,6 +14,7 @@ message above ``max_message_size`` closes the link with 1003, 1002 or 1009.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import struct
@@ -23,7 +24,13 @@ from typing import Final
 import h11
 import trio
 
-from ._errors import HandshakeError, LinkClosed
+from ._errors import (
+    STREAM_ERRORS,
+    HandshakeError,
+    LinkClosed,
+    LinkClosedHere,
+    map_stream_errors,
+)
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE
 
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -133,14 +140,18 @@ class _ProtocolViolation(Exception):
         self.reason = reason
 
 
-class Link:
-    """One WebSocket connection carrying binary messages.
+class Link(trio.abc.Channel[bytes]):
+    """One WebSocket connection carrying binary messages: a
+    :class:`trio.abc.Channel` of :class:`bytes`.
 
     Build one with :func:`connect_link` (client side) or :func:`accept_link`
     (server side) rather than directly.
 
     Sending is safe from many tasks at once (a lock keeps frames whole);
-    receiving is for one task at a time.
+    receiving is for one task at a time. Once the peer closes the link or the
+    stream breaks, :meth:`send` and :meth:`receive` raise :class:`LinkClosed`
+    with the close code; once this side closed it, they raise
+    :class:`trio.ClosedResourceError` (which is also a :class:`LinkClosed`).
 
     Args:
         stream: the byte stream, already past the opening handshake.
@@ -171,6 +182,7 @@ class Link:
         #: The close reason once the link is closed.
         self.close_reason = ""
         self._close_sent = False
+        self._closed_here = False
         self.messages_sent = 0
         self.messages_received = 0
         self.bytes_sent = 0
@@ -180,22 +192,41 @@ class Link:
     def closed(self) -> bool:
         return self.close_code is not None
 
+    def _closed_error(self) -> LinkClosed:
+        """The error for using the link once it is closed."""
+        code = self.close_code if self.close_code is not None else CLOSE_ABNORMAL
+        if self._closed_here:
+            return LinkClosedHere(code, self.close_reason)
+        return LinkClosed(code, self.close_reason)
+
+    def _broken(self, what: str) -> Callable[[Exception], LinkClosed]:
+        """How a failed stream becomes a closed link (1006, unless already closed)."""
+
+        def closed(exc: Exception) -> LinkClosed:
+            self._mark_closed(CLOSE_ABNORMAL, f"{what}: {exc!r}")
+            return self._closed_error()
+
+        return closed
+
     # -- sending ---------------------------------------------------------
 
-    async def send(self, *parts: bytes) -> None:
-        """Send one binary message made of the concatenation of *parts*.
+    async def send(self, value: bytes, *more: bytes) -> None:
+        """Send one binary message: *value*, followed by *more* if given (the
+        parts are framed as one message without being joined first).
 
         Raises:
-            LinkClosed: the link is closed or the stream broke (the link is then
-                closed with 1006).
+            LinkClosed: the peer closed the link or the stream broke (the link is
+                then closed with 1006).
+            trio.ClosedResourceError: this side closed the link.
 
         **Cancellation:** if cancelled before any byte is written, nothing was sent
         and the link stays open. If cancelled after part of the frame was written,
         the link is closed (1006), since the byte stream is no longer in step.
         """
         if self.close_code is not None:
-            raise LinkClosed(self.close_code, self.close_reason)
-        length = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+            raise self._closed_error()
+        parts = (value, *more)
+        length = len(value) if not more else sum(map(len, parts))
         if self.client:
             key = os.urandom(4)
             payload = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -216,7 +247,7 @@ class Link:
     async def _write(self, chunks: tuple[bytes, ...]) -> None:
         async with self._send_lock:
             if self.close_code is not None:
-                raise LinkClosed(self.close_code, self.close_reason)
+                raise self._closed_error()
             written = 0
             done = False
             try:
@@ -234,15 +265,19 @@ class Link:
                             written += sent
                             view = view[sent:]
                 done = True
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._mark_closed(CLOSE_ABNORMAL, f"stream broke while sending: {exc!r}")
-                raise LinkClosed(self.close_code or CLOSE_ABNORMAL, self.close_reason) from None
+            except STREAM_ERRORS as exc:  # not map_stream_errors: this is the hot path
+                raise self._broken("stream broke while sending")(exc) from None
             finally:
                 if not done and written and self.close_code is None:
                     # The byte stream is out of step now; nothing more can be sent.
                     self._mark_closed(CLOSE_ABNORMAL, "cancelled in the middle of a frame")
 
     async def _send_control(self, opcode: int, payload: bytes) -> None:
+        """Send a control frame.
+
+        Raises:
+            LinkClosed: the stream broke, or it may hold half a frame.
+        """
         if self.client:
             key = os.urandom(4)
             frame = _header(opcode, len(payload), True) + key + apply_mask(payload, key)
@@ -252,7 +287,8 @@ class Link:
             if self.close_code == CLOSE_ABNORMAL:
                 # The stream may hold half a frame: writing more would corrupt it.
                 raise LinkClosed(self.close_code, self.close_reason)
-            await self.stream.send_all(frame)
+            with map_stream_errors(self._broken("stream broke while sending")):
+                await self.stream.send_all(frame)
 
     # -- receiving -------------------------------------------------------
 
@@ -269,7 +305,7 @@ class Link:
                 link has sent that close code to the peer).
         """
         if self.close_code is not None:
-            raise LinkClosed(self.close_code, self.close_reason)
+            raise self._closed_error()
         try:
             while True:
                 opcode, fin, payload = await self._read_frame()
@@ -307,10 +343,8 @@ class Link:
         except _ProtocolViolation as violation:
             await self._fail(violation.code, violation.reason)
             raise LinkClosed(violation.code, violation.reason) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            if self.close_code is None:
-                self._mark_closed(CLOSE_ABNORMAL, f"stream broke: {exc!r}")
-            raise LinkClosed(self.close_code or CLOSE_ABNORMAL, self.close_reason) from None
+        except STREAM_ERRORS as exc:  # not map_stream_errors: this is the hot path
+            raise self._broken("stream broke")(exc) from None
 
     async def _fill(self, needed: int) -> None:
         buf = self._buf
@@ -319,7 +353,7 @@ class Link:
             if not data:
                 self._mark_closed(CLOSE_ABNORMAL, "stream ended without a close frame")
                 await self._close_stream()
-                raise LinkClosed(self.close_code or CLOSE_ABNORMAL, self.close_reason)
+                raise self._closed_error()
             buf += data
 
     async def _read_frame(self) -> tuple[int, bool, bytes]:  # noqa: C901 - RFC 6455 header checks, in order
@@ -400,10 +434,8 @@ class Link:
         if not self._close_sent:
             self._close_sent = True
             echo = b"" if code == CLOSE_NO_STATUS else _U16.pack(code)
-            try:
+            with contextlib.suppress(LinkClosed):
                 await self._send_control(OP_CLOSE, echo)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, LinkClosed):
-                pass
         self._mark_closed(code, reason)
         await self._close_stream()
         raise LinkClosed(code, reason)
@@ -432,16 +464,13 @@ class Link:
         """
         # At most 123 bytes, cut on a character boundary so it stays valid UTF-8.
         encoded = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+        self._closed_here = True
         if not self._close_sent and self.close_code is None:
             self._close_sent = True
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + 1.0
-                try:
+                with contextlib.suppress(LinkClosed):
                     await self._send_control(OP_CLOSE, _U16.pack(code) + encoded)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-                except trio.BusyResourceError:  # pragma: no cover - defensive
-                    pass
         self._mark_closed(code, reason)
         await self._close_stream()
 
@@ -493,13 +522,12 @@ async def connect_link(
         ],
     )
     try:
-        await stream.send_all(conn.send(request) or b"")
-        conn.send(h11.EndOfMessage())
-        event = await _read_h11_event(conn, stream)
+        with map_stream_errors(_handshake_broke):
+            await stream.send_all(conn.send(request) or b"")
+            conn.send(h11.EndOfMessage())
+            event = await _read_h11_event(conn, stream)
     except h11.RemoteProtocolError as exc:
         raise HandshakeError(f"bad handshake response: {exc}") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise HandshakeError(f"stream broke during the handshake: {exc!r}") from None
     if not isinstance(event, h11.InformationalResponse) or event.status_code != 101:
         status = getattr(event, "status_code", event)
         raise HandshakeError(f"server refused the WebSocket upgrade (status {status})")
@@ -525,43 +553,49 @@ async def accept_link(
     """
     conn = h11.Connection(h11.SERVER)
     try:
-        event = await _read_h11_event(conn, stream)
-        if not isinstance(event, h11.Request):
-            raise HandshakeError(f"expected an HTTP request, got {event!r}")
-        headers = event.headers
-        key = _header_value(headers, b"sec-websocket-key")
-        if (
-            event.method != b"GET"
-            or "websocket" not in _header_value(headers, b"upgrade").lower()
-            or "upgrade" not in _header_value(headers, b"connection").lower()
-            or _header_value(headers, b"sec-websocket-version") != "13"
-            or not key
-        ):
-            reply = conn.send(h11.Response(status_code=400, headers=[("Content-Length", "0")]))
-            await stream.send_all(reply or b"")
-            await trio.aclose_forcefully(stream)
-            raise HandshakeError("not a WebSocket version 13 upgrade request")
-        response = h11.InformationalResponse(
-            status_code=101,
-            headers=[
-                ("Upgrade", "websocket"),
-                ("Connection", "Upgrade"),
-                ("Sec-WebSocket-Accept", accept_token(key)),
-            ],
-        )
-        await stream.send_all(conn.send(response) or b"")
+        with map_stream_errors(_handshake_broke):
+            event = await _accept_request(conn, stream)
     except h11.RemoteProtocolError as exc:
-        with trio.move_on_after(1.0):
-            try:
-                await stream.send_all(
-                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                )
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        with trio.move_on_after(1.0), map_stream_errors(None):
+            await stream.send_all(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
         await trio.aclose_forcefully(stream)
         raise HandshakeError(f"bad handshake request: {exc}") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise HandshakeError(f"stream broke during the handshake: {exc!r}") from None
     trailing, _ = conn.trailing_data
     link = Link(stream, client=False, max_message_size=max_message_size, initial=bytes(trailing))
     return link, event.target.decode("latin-1")
+
+
+def _handshake_broke(exc: Exception) -> HandshakeError:
+    return HandshakeError(f"stream broke during the handshake: {exc!r}")
+
+
+async def _accept_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request:
+    """Read the upgrade request and answer 101, or 400 and close the stream."""
+    event = await _read_h11_event(conn, stream)
+    if not isinstance(event, h11.Request):
+        raise HandshakeError(f"expected an HTTP request, got {event!r}")
+    headers = event.headers
+    key = _header_value(headers, b"sec-websocket-key")
+    if (
+        event.method != b"GET"
+        or "websocket" not in _header_value(headers, b"upgrade").lower()
+        or "upgrade" not in _header_value(headers, b"connection").lower()
+        or _header_value(headers, b"sec-websocket-version") != "13"
+        or not key
+    ):
+        reply = conn.send(h11.Response(status_code=400, headers=[("Content-Length", "0")]))
+        await stream.send_all(reply or b"")
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError("not a WebSocket version 13 upgrade request")
+    response = h11.InformationalResponse(
+        status_code=101,
+        headers=[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", accept_token(key)),
+        ],
+    )
+    await stream.send_all(conn.send(response) or b"")
+    return event

@@ -41,6 +41,9 @@ _CHILD_CONTROL = frozenset((Handle.RESULT, Handle.LOG, Handle.READY))
 ID_BLOCK_SIZE = 64
 
 
+#: What :meth:`Router.send` raises when a message cannot leave this process.
+UNSENDABLE: Final = (LinkClosed, MessageUndeliverable, WireError)
+
 #: A message handler: sync, or returning an awaitable that the link's pump awaits.
 Handler = Callable[["Message", "Route | None"], Awaitable[None] | None]
 
@@ -160,8 +163,6 @@ class Router:
         self._cancelled: set[tuple[int, int]] = set()
         #: Reply handles whose caller stopped waiting: a late reply is dropped quietly.
         self._abandoned: set[int] = set()
-        self.dropped = 0
-        self.dead_replies_sent = 0
         self._handlers[Handle.ADD_ROUTE] = self._on_add_route
         self._handlers[Handle.DEL_ROUTE] = self._on_del_route
         self._handlers[Handle.DEAD] = self._on_dead_notice
@@ -468,6 +469,18 @@ class Router:
             )
         await route.link.send(header, msg.data)
 
+    async def send_or_drop(self, msg: Message) -> bool:
+        """Send *msg* if it can be; return whether it was sent.
+
+        For messages whose loss only means their destination has gone (replies to
+        a vanished requester, SHUTDOWN to a dying child, dead replies, logs).
+        """
+        try:
+            await self.send(msg)
+        except UNSENDABLE:
+            return False
+        return True
+
     async def send(self, msg: Message) -> None:
         """Send *msg* toward its destination.
 
@@ -541,9 +554,7 @@ class Router:
         on_unacknowledged: Callable[[], None] | None,
     ) -> None:
         with trio.CancelScope(shield=True):
-            try:
-                await self.send(_wire.make(dst_id, self.id, Handle.CANCEL, reply_to))
-            except (LinkClosed, MessageUndeliverable, WireError):
+            if not await self.send_or_drop(_wire.make(dst_id, self.id, Handle.CANCEL, reply_to)):
                 return  # the work is going away with its context
             with trio.move_on_after(wait_at_most):
                 await pending.noted.wait()
@@ -582,9 +593,7 @@ class Router:
             pending.settle(error=rebuild(value))
 
     async def _send_reply(self, dst_id: int, reply_to: int, outcome: tuple[Any, Any]) -> None:
-        try:
-            await self.send(_wire.make(dst_id, self.id, reply_to, outcome))
-        except (LinkClosed, MessageUndeliverable, WireError):
+        if not await self.send_or_drop(_wire.make(dst_id, self.id, reply_to, outcome)):
             log.debug("%r: the requester %d went away before its reply", self, dst_id)
 
     async def reply(self, msg: Message, outcome: tuple[Any, object]) -> None:
@@ -688,7 +697,6 @@ class Router:
             await pending
 
     def _drop(self, msg: Message, route: Route | None, why: str) -> None:
-        self.dropped += 1
         peer = route.peer_id if route is not None else self.id
         log.warning(
             "%r dropped a message (dst %d, src %d, handle %d) from the link to %d: %s",
@@ -716,10 +724,7 @@ class Router:
         dead = Message(
             msg.src_id, self.id, handle, 0, reason.encode("utf-8"), _wire.DEAD | _wire.RAW
         )
-        self.dead_replies_sent += 1
-        try:
-            await self.send(dead)
-        except (LinkClosed, MessageUndeliverable, WireError):
+        if not await self.send_or_drop(dead):
             log.debug("%r: could not deliver a dead reply to %d", self, msg.src_id)
 
     def _on_dead_notice(self, msg: Message, route: Route | None) -> None:

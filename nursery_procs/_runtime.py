@@ -147,9 +147,9 @@ async def _send_logs(
             handler.wakeup = trio.Event()
             while handler.queue:
                 record = handler.queue[0]
-                try:
-                    await router.send(_wire.make(parent_id, router.id, Handle.LOG, record))
-                except (LinkClosed, WireError):
+                if not await router.send_or_drop(
+                    _wire.make(parent_id, router.id, Handle.LOG, record)
+                ):
                     handler.queue.clear()
                     return
                 handler.queue.popleft()

@@ -16,6 +16,8 @@ from typing import Any
 
 import trio
 
+from ._errors import map_stream_errors
+
 #: Lines of stderr kept for error messages.
 STDERR_TAIL_LINES = 20
 _MAX_LINE = 64 * 1024
@@ -71,10 +73,9 @@ async def pump_lines(
     pending = b""
     async with pipe:
         while True:
-            try:
-                chunk = await pipe.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                chunk = b""
+            chunk = b""
+            with map_stream_errors(None):  # a broken pipe ends the output too
+                chunk = bytes(await pipe.receive_some(65536))
             if not chunk:
                 break
             pending += chunk

@@ -9,8 +9,8 @@ import os
 import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVarTuple, overload
 
 import attrs
 import trio
@@ -44,6 +44,8 @@ from ._stdio import child_logger, emit, pump_lines
 from ._wire import Handle, Message
 
 log = logging.getLogger("nursery_procs.supervisor")
+
+Ts = TypeVarTuple("Ts")
 
 
 class Restart(enum.Enum):
@@ -192,28 +194,50 @@ class Supervisor:
             restarts_total=self._restarts_total,
         )
 
-    def context_by_id(self, context_id: int) -> Context | None:
-        """The handle on a context this process can reach, or ``None`` if it is not
-        known here (compare :func:`nursery_procs.context_by_id`, which always
-        returns a handle)."""
-        if context_id in self._children or context_id in self._router.directory:
-            return context_by_id(context_id)
-        return None
-
     def context_by_name(self, name: str) -> Context | None:
-        """Like :meth:`context_by_id`, by name (the oldest match)."""
+        """The handle on the context called *name* in this supervisor's subtree
+        (the oldest, if several share it), or ``None`` if there is none.
+
+        Names are not unique and contexts come and go, so this is a lookup that may
+        find nothing; :func:`nursery_procs.context_by_id` is the addressing
+        function, which always returns a handle.
+        """
         for ctx, _ in self._children.values():
             if ctx.name == name:
                 return ctx
         for info in self._router.directory.values():
             if info.name == name:
-                return self.context_by_id(info.id)
+                return context_by_id(info.id)
         return None
+
+    @overload
+    async def start_child(
+        self,
+        target: Callable[[*Ts], object],
+        *args: *Ts,
+        name: str | None = None,
+        policy: Policy | None = None,
+        debug_sleep: float | None = None,
+        restart: Restart | str = Restart.TEMPORARY,
+        raise_on_crash: bool = True,
+    ) -> Context: ...
+
+    @overload
+    async def start_child(
+        self,
+        target: str | None = None,
+        *args: object,
+        name: str | None = None,
+        policy: Policy | None = None,
+        debug_sleep: float | None = None,
+        restart: Restart | str = Restart.TEMPORARY,
+        raise_on_crash: bool = True,
+    ) -> Context: ...
 
     async def start_child(
         self,
-        target: Target = None,
-        *args: Any,
+        target: Callable[[*Ts], object] | str | None = None,
+        *args: *Ts,
         name: str | None = None,
         policy: Policy | None = None,
         debug_sleep: float | None = None,
@@ -340,10 +364,58 @@ class Supervisor:
             "restarting child %r after it exited (%s)", life.name, describe_exit(life.returncode)
         )
 
-    @asynccontextmanager
-    async def open_child(
+    @overload
+    def open_child(
         self,
-        target: Target = None,
+        target: Callable[[*Ts], object],
+        *args: *Ts,
+        name: str | None = None,
+        policy: Policy | None = None,
+        debug_sleep: float | None = None,
+        restart: Restart | str = Restart.TEMPORARY,
+        raise_on_crash: bool = True,
+    ) -> AbstractAsyncContextManager[Context]: ...
+
+    @overload
+    def open_child(
+        self,
+        target: str | None = None,
+        *args: object,
+        name: str | None = None,
+        policy: Policy | None = None,
+        debug_sleep: float | None = None,
+        restart: Restart | str = Restart.TEMPORARY,
+        raise_on_crash: bool = True,
+    ) -> AbstractAsyncContextManager[Context]: ...
+
+    def open_child(
+        self,
+        target: Callable[[*Ts], object] | str | None = None,
+        *args: *Ts,
+        name: str | None = None,
+        policy: Policy | None = None,
+        debug_sleep: float | None = None,
+        restart: Restart | str = Restart.TEMPORARY,
+        raise_on_crash: bool = True,
+    ) -> AbstractAsyncContextManager[Context]:
+        """Start a child bound to a block: leaving the block shuts it down gracefully.
+
+        The arguments are those of :meth:`start_child`.
+        """
+        return self._open_child(
+            target,
+            *args,
+            name=name,
+            policy=policy,
+            debug_sleep=debug_sleep,
+            restart=restart,
+            raise_on_crash=raise_on_crash,
+        )
+
+    @asynccontextmanager
+    async def _open_child(
+        self,
+        target: Target,
         *args: Any,
         name: str | None = None,
         policy: Policy | None = None,
@@ -351,10 +423,6 @@ class Supervisor:
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
     ) -> AsyncIterator[Context]:
-        """Start a child bound to a block: leaving the block shuts it down gracefully.
-
-        The arguments are those of :meth:`start_child`.
-        """
         ctx = await self.start_child(
             target,
             *args,

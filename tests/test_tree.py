@@ -44,7 +44,7 @@ async def test_a_depth_3_chain_is_known_and_routed_from_the_root() -> None:
             # Routed through the intermediaries and answered by the right process.
             context_id, name, pid = await ctx.request("whoami")
             assert (context_id, name, pid) == (ctx.id, ctx.name, ctx.pid)
-        deepest = sup.context_by_id(ids[-1])
+        deepest = nursery_procs.context_by_id(ids[-1])
         assert deepest is not None and deepest.name == "n.0.0.0"
         assert top is contexts[0]
 
@@ -183,7 +183,8 @@ async def test_add_route_from_a_grandchild_is_dropped(caplog: pytest.LogCaptureF
         assert child is not None
         await child.call(targets.post, 0, Handle.ADD_ROUTE, (999, "intruder", child.id, 1))
         assert await child.request("still up") == "still up"
-        assert sup.context_by_id(999) is None
+        assert nursery_procs.context_by_id(999).state is nursery_procs.State.EXITED
+        assert sup.context_by_name("intruder") is None
     assert any("not an immediate child" in r.getMessage() for r in caplog.records)
 
 

@@ -15,7 +15,15 @@ async def greet(name: str, punctuation: str = "!") -> str:
     return f"hello {name}{punctuation}"
 
 
-async def main(ctx: nursery_procs.Context) -> None:
+def serve(name: str, port: int) -> None:
+    print(name, port)
+
+
+async def main(ctx: nursery_procs.Context, sup: nursery_procs.Supervisor) -> None:
+    started: nursery_procs.Context = await sup.start_child(serve, "web", 8080, name="web")
+    by_name: nursery_procs.Context = await sup.start_child("http.server:test", 1, 2)
+    async with sup.open_child(serve, "api", 8081) as opened:
+        print(started, by_name, opened)
     squared: int = await ctx.call(square, 3)
     greeting: str = await ctx.call(greet, "you")
     shouted: str = await ctx.call(functools.partial(greet, punctuation="!!"), "you")
