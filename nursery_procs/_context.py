@@ -59,21 +59,24 @@ def context_by_id(context_id: int) -> Context:
     returned. The name is known if the context is below this one; messages to a
     context that does not exist get dead replies.
     """
+    return handle_for(context_id, _DEFAULT_POLICY)
+
+
+def handle_for(context_id: int, policy: Policy) -> Context:
+    """:func:`context_by_id`, with *policy* bounding how long closing a context
+    deeper in the tree waits for it (a supervisor passes its own)."""
     owned = owned_contexts().get(context_id)
     if owned is not None:
         return owned
     router = current_router()
     if router.parent_route is not None and context_id == router.parent_route.peer_id:
         return parent()
-    return _remote_context(router, context_id)
-
-
-def _remote_context(router: Router, context_id: int) -> Context:
     info = router.directory.get(context_id)
     name = info.name if info is not None else f"context-{context_id}"
     parent_id = info.parent_id if info is not None else None
     pid = info.pid if info is not None else None
-    return Context(context_id, name, parent_id, router, _Remote(router, context_id, pid))
+    remote = _Remote(router, context_id, pid, policy)
+    return Context(context_id, name, parent_id, router, remote)
 
 
 async def serve_requests(
@@ -219,11 +222,12 @@ class _Remote:
     router: Router
     context_id: int
     pid: int | None
+    policy: Policy
     life: None = None
 
     @property
     def cancel_timeout(self) -> float:
-        return _DEFAULT_POLICY.cancel_timeout
+        return self.policy.cancel_timeout
 
     def unresponsive(self) -> None:
         pass  # its own parent watches over it
@@ -240,21 +244,22 @@ class _Remote:
 
     async def aclose(self) -> None:
         """SHUTDOWN through the tree, then wait until its parent has reaped it and
-        withdrawn its route (shielded, for at most the default policy's close
-        deadline: its own parent escalates and reaps it; this only waits)."""
+        withdrawn its route (shielded, for at most the policy's close deadline: its
+        own parent escalates and reaps it; this only waits)."""
         router = self.router
         if not router.knows(self.context_id):
             return
         shutdown = _wire.make(self.context_id, router.id, Handle.SHUTDOWN, None)
+        deadline = self.policy.close_deadline
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + _DEFAULT_POLICY.close_deadline
+            scope.deadline = trio.current_time() + deadline
             if await router.send_or_drop(shutdown):
                 await router.wait_gone(self.context_id)
         if scope.cancelled_caught:
             log.warning(
                 "context %d was not gone %s s after SHUTDOWN; its parent goes on escalating",
                 self.context_id,
-                _DEFAULT_POLICY.close_deadline,
+                deadline,
             )
 
 

@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from . import _wire
-from ._context import Context, OwnedChild, context_by_id, owned_context, owned_contexts
+from ._context import Context, OwnedChild, handle_for, owned_context, owned_contexts
 from ._errors import (
     ChildStartError,
     ContextDied,
@@ -207,7 +207,7 @@ class Supervisor:
                 return ctx
         for info in self._router.directory.values():
             if info.name == name:
-                return context_by_id(info.id)
+                return handle_for(info.id, self.policy)
         return None
 
     @overload

@@ -81,3 +81,14 @@ def block_the_loop(address: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.sendto(b"started", address)
     threading.Event().wait()
+
+
+async def host_stubborn_child() -> None:
+    """Start a child that ignores SHUTDOWN (with a long grace period for it), tell
+    the parent "ready", and serve until shut down."""
+    patient = nursery_procs.Policy(grace_period=60.0, kill_after=60.0)
+    async with nursery_procs.open_supervisor(policy=patient) as sup:
+        me = nursery_procs.current_router().name
+        await sup.start_child(ignore_cancellation, "stubborn", name=f"{me}.stubborn")
+        await nursery_procs.parent().send("ready")
+        await trio.sleep_forever()

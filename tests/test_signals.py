@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
+from programs import ScriptOutput, run_script
 
 from nursery_procs.testing import wait_process_gone
 
@@ -37,16 +36,6 @@ if __name__ == "__main__":
 """
 
 
-async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = await stream.receive_some()
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_a_signal_shuts_the_program_down_gracefully(
     signum: signal.Signals, tmp_path: Path
@@ -54,28 +43,16 @@ async def test_a_signal_shuts_the_program_down_gracefully(
     script = tmp_path / "program.py"
     script.write_text(PROGRAM)
     sock = tmp_path / "control.sock"
-    process = await trio.lowlevel.open_process(
-        [sys.executable, str(script), str(sock)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=tmp_path,
-    )
-    assert process.stdout is not None and process.stderr is not None
-    try:
+    async with run_script(script, str(sock), cwd=tmp_path) as (process, stdout):
         with trio.fail_after(60):
-            child_pid = int(await _read_line(process.stdout))
+            child_pid = int(await stdout.line())
         assert sock.exists()
         os.kill(process.pid, signum)
         with trio.fail_after(30):
-            rest = await _read_line(process.stdout)
+            rest = await stdout.line()
             returncode = await process.wait()
-        errors = b""
-        while chunk := await process.stderr.receive_some():
-            errors += chunk
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        assert process.stderr is not None
+        errors = await ScriptOutput(process.stderr).rest()
     assert returncode == 0, errors.decode()
     assert rest.decode().strip() == f"stopped by {signum.name}"
     assert not sock.exists()

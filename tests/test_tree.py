@@ -203,3 +203,25 @@ async def test_a_message_too_big_for_the_next_link_gets_a_dead_reply() -> None:
         # Nothing else was disturbed.
         assert await leaf.request("small") == "small"
         assert await middle.request("fine") == "fine"
+
+
+async def test_closing_a_grandchild_that_ignores_shutdown_is_bounded_by_the_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import boundary_targets
+
+    quick = nursery_procs.Policy(grace_period=0.2, kill_after=0.2)
+    async with nursery_procs.open_supervisor(policy=quick) as sup:
+        middle = await sup.start_child(boundary_targets.host_stubborn_child, name="middle")
+        assert await middle.receive() == "ready"
+        grandchild = sup.context_by_name("middle.stubborn")
+        assert grandchild is not None
+        started = trio.current_time()
+        with trio.CancelScope() as caller:
+            caller.cancel()  # the close is shielded: a cancelled caller still waits, bounded
+            await grandchild.aclose()
+        waited = trio.current_time() - started
+        assert quick.close_deadline <= waited < quick.close_deadline + 2.0
+        # Its own parent (patient: 60 s of grace) is still escalating.
+        assert grandchild.state is State.READY
+    assert "was not gone 2.4 s after SHUTDOWN" in caplog.text

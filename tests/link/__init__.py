@@ -1,0 +1,2 @@
+"""The WebSocket link: interoperability with wsproto, handshakes, protocol errors,
+closing, and concurrency."""

@@ -1,0 +1,117 @@
+"""Concurrent senders and random payloads."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nursery_procs._errors import LinkClosed
+from nursery_procs._link import Link, accept_link, connect_link
+
+from .peers import (
+    digest,
+    open_pair,
+    pattern,
+)
+
+SENDERS = 20
+PER_SENDER = 50
+TAG = struct.Struct("!III")
+
+
+def tagged(task: int, seq: int) -> bytes:
+    size = 70_000 if seq % 10 == 3 else (task * 37 + seq * 11) % 300
+    return TAG.pack(task, seq, size) + pattern(size, task * 1000 + seq)
+
+
+@pytest.mark.parametrize("sender_role", ["client", "server"])
+async def test_concurrent_senders_never_interleave_frames(kind: str, sender_role: str) -> None:
+    async with open_pair(kind) as (a, b):
+        links: dict[str, Link] = {}
+
+        async def connect() -> None:
+            links["client"] = await connect_link(a)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connect)
+            links["server"], _ = await accept_link(b)
+        sender = links[sender_role]
+        receiver = links["server" if sender_role == "client" else "client"]
+
+        async def send_all_of(task: int) -> None:
+            for seq in range(PER_SENDER):
+                await sender.send(tagged(task, seq))
+
+        next_seq = [0] * SENDERS
+        async with trio.open_nursery() as nursery:
+            for task in range(SENDERS):
+                nursery.start_soon(send_all_of, task)
+            for _ in range(SENDERS * PER_SENDER):
+                message = await receiver.receive()
+                task, seq, size = TAG.unpack_from(message)
+                assert seq == next_seq[task], "one task's messages arrive in order"
+                next_seq[task] += 1
+                assert message == tagged(task, seq), "the message arrives whole"
+                assert len(message) == TAG.size + size
+        assert next_seq == [PER_SENDER] * SENDERS
+        assert sender.messages_sent == receiver.messages_received == SENDERS * PER_SENDER
+        await sender.aclose()
+        with pytest.raises(LinkClosed) as info:
+            await receiver.receive()
+        assert info.value.code == 1000
+        await receiver.aclose()
+
+
+payloads = st.lists(
+    st.one_of(
+        st.binary(max_size=300),
+        st.builds(pattern, st.integers(min_value=0, max_value=70_000), st.integers(0, 2**16)),
+    ),
+    max_size=10,
+)
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(up=payloads, down=payloads)
+def test_random_payloads_arrive_intact_and_in_order(up: list[bytes], down: list[bytes]) -> None:
+    async def main() -> None:
+        a, b = trio.testing.memory_stream_pair()
+        links: dict[str, Link] = {}
+
+        async def connect() -> None:
+            links["client"] = await connect_link(a)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connect)
+            links["server"], _ = await accept_link(b)
+        client, server = links["client"], links["server"]
+
+        async def send(link: Link, messages: list[bytes]) -> None:
+            for message in messages:
+                await link.send(message)
+
+        async def receive(link: Link, count: int, into: list[bytes]) -> None:
+            for _ in range(count):
+                into.append(await link.receive())
+
+        got_up: list[bytes] = []
+        got_down: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, client, up)
+            nursery.start_soon(send, server, down)
+            nursery.start_soon(receive, server, len(up), got_up)
+            nursery.start_soon(receive, client, len(down), got_down)
+        assert digest(got_up) == digest(up)
+        assert digest(got_down) == digest(down)
+        await client.aclose(1000, "end")
+        with pytest.raises(LinkClosed) as info:
+            await server.receive()
+        assert (info.value.code, info.value.reason) == (1000, "end")
+        await server.aclose()
+
+    trio.run(main)
