@@ -202,7 +202,9 @@ class OwnedChild:
             return
         life.note(shutdown_sent=True)
         router = self.router
-        await router.send_or_drop(_wire.make(self.context_id, router.id, Handle.SHUTDOWN, None))
+        await router.send_or_drop(
+            _wire.make_data(self.context_id, router.id, Handle.SHUTDOWN, None)
+        )
 
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
@@ -249,7 +251,7 @@ class _Remote:
         router = self.router
         if not router.knows(self.context_id):
             return
-        shutdown = _wire.make(self.context_id, router.id, Handle.SHUTDOWN, None)
+        shutdown = _wire.make_data(self.context_id, router.id, Handle.SHUTDOWN, None)
         deadline = self.policy.close_deadline
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + deadline
@@ -392,7 +394,9 @@ class Context(trio.abc.Channel[Any]):
         """
         self._check_alive()
         with self._link_errors():
-            await self._router.send(_wire.make(self.id, self._router.id, Handle.CHANNEL, obj))
+            router = self._router
+            msg = _wire.make(self.id, router.id, Handle.CHANNEL, obj, data_only=router.data_only)
+            await router.send(msg)
 
     async def receive(self) -> Any:
         """Receive the next object the context sent to this one.

@@ -79,6 +79,8 @@ class Lifecycle:
     policy: Policy
     #: Seconds a new child sleeps before its target, for a debugger.
     debug_sleep: float
+    #: Whether what the child sends may be unpickled (``False``: data only).
+    trusted: bool = True
     #: Wakes the waits of every incarnation of the same context.
     changes: Changes = attrs.field(factory=Changes)
     #: 1 for the first start, 2 after the first restart, ...
@@ -190,6 +192,7 @@ class Lineage:
             name=old.name,
             policy=old.policy,
             debug_sleep=old.debug_sleep,
+            trusted=old.trusted,
             changes=old.changes,
             incarnation=old.incarnation + 1,
         )

@@ -66,6 +66,9 @@ class Route:
     #: ``True`` for the link toward this process's parent.
     upward: bool = False
     owner: RouteOwner | None = None
+    #: ``False`` for a link to an untrusted child: nothing that arrives on it is
+    #: unpickled (pickled payloads are refused with a dead reply).
+    trusted: bool = True
 
 
 @attrs.frozen
@@ -139,6 +142,8 @@ class Router:
         self.id = context_id
         self.name = name
         self.siblings_may_talk = siblings_may_talk
+        #: This context is untrusted: everything it sends is plain data, never a pickle.
+        self.data_only = False
         self.parent_route: Route | None = None
         self._routes: dict[int, Route] = {}
         self._handlers: dict[int, Handler] = {}
@@ -252,7 +257,7 @@ class Router:
         try:
             result = handler(_wire.decode(msg)) if call is None else handler(*call[0], **call[1])
         except Exception as exc:
-            await self.reply(msg, failed(exc))
+            await self.reply(msg, failed(exc, data_only=self.data_only))
             return
         if inspect.isawaitable(result):
             nursery.start_soon(self._finish_answer, msg, result)
@@ -267,7 +272,7 @@ class Router:
             try:
                 outcome = (True, await pending)
             except Exception as exc:
-                outcome = failed(exc)
+                outcome = failed(exc, data_only=self.data_only)
             finally:
                 del self._answering[key]
         await self.reply(msg, outcome)
@@ -278,7 +283,7 @@ class Router:
         try:
             outcome: tuple[Any, Any] = (True, await trio.to_thread.run_sync(work))
         except Exception as exc:
-            outcome = failed(exc)
+            outcome = failed(exc, data_only=self.data_only)
         finally:
             del self._answering[key]
         await self.reply(msg, outcome)
@@ -352,9 +357,14 @@ class Router:
         self.parent_route = Route(link, parent_id, {parent_id}, upward=True)
         return self.parent_route
 
-    async def add_child_route(self, link: Link, info: ContextInfo, owner: RouteOwner) -> Route:
-        """Register a direct child and tell the parent (ADD_ROUTE upward)."""
-        route = Route(link, info.id, {info.id}, owner=owner)
+    async def add_child_route(
+        self, link: Link, info: ContextInfo, owner: RouteOwner, *, trusted: bool = True
+    ) -> Route:
+        """Register a direct child and tell the parent (ADD_ROUTE upward).
+
+        Nothing that arrives from an untrusted child (or its subtree) is unpickled.
+        """
+        route = Route(link, info.id, {info.id}, owner=owner, trusted=trusted)
         self._routes[info.id] = route
         self.directory[info.id] = info
         await self._announce(Handle.ADD_ROUTE, (info.id, info.name, info.parent_id, info.pid))
@@ -393,7 +403,7 @@ class Router:
     async def _announce(self, handle: int, payload: object) -> None:
         if self.parent_route is None:
             return
-        msg = _wire.make(self.parent_route.peer_id, self.id, handle, payload)
+        msg = _wire.make_data(self.parent_route.peer_id, self.id, handle, payload)
         try:
             await self._send_on(self.parent_route, msg)
         except LinkClosed:
@@ -454,7 +464,9 @@ class Router:
             return context_id
         async with self._id_lock:
             if not self._id_block:
-                start, stop = await self.request(ROOT_ID, Handle.ALLOCATE_ID, ID_BLOCK_SIZE)
+                start, stop = await self.request(
+                    ROOT_ID, Handle.ALLOCATE_ID, ID_BLOCK_SIZE, data=True
+                )
                 self._id_block = list(range(int(start), int(stop)))
             return self._id_block.pop(0)
 
@@ -506,8 +518,12 @@ class Router:
         cancel_timeout: float = 5.0,
         on_unacknowledged: Callable[[], None] | None = None,
         cancel_remotely: bool = True,
+        data: bool = False,
     ) -> Any:
         """Send *obj* to ``(dst_id, handle)`` and wait for the one reply.
+
+        *obj* is pickled, unless this context is untrusted or *data* is true: then
+        it is sent as plain data.
 
         Raises:
             MessageUndeliverable: a dead reply came back.
@@ -527,7 +543,10 @@ class Router:
         self._handlers[reply_to] = self._on_reply
         sent = False
         try:
-            await self.send(_wire.make(dst_id, self.id, handle, obj, reply_to))
+            msg = _wire.make(
+                dst_id, self.id, handle, obj, reply_to, data_only=data or self.data_only
+            )
+            await self.send(msg)
             sent = True
             await pending.event.wait()
         except trio.Cancelled:
@@ -554,7 +573,9 @@ class Router:
         on_unacknowledged: Callable[[], None] | None,
     ) -> None:
         with trio.CancelScope(shield=True):
-            if not await self.send_or_drop(_wire.make(dst_id, self.id, Handle.CANCEL, reply_to)):
+            if not await self.send_or_drop(
+                _wire.make_data(dst_id, self.id, Handle.CANCEL, reply_to)
+            ):
                 return  # the work is going away with its context
             with trio.move_on_after(wait_at_most):
                 await pending.noted.wait()
@@ -590,26 +611,31 @@ class Router:
         elif ok:
             pending.settle(result=value)
         else:
-            pending.settle(error=rebuild(value))
+            pending.settle(error=rebuild(value, trusted=msg.is_pickle))
 
     async def _send_reply(self, dst_id: int, reply_to: int, outcome: tuple[Any, Any]) -> None:
-        if not await self.send_or_drop(_wire.make(dst_id, self.id, reply_to, outcome)):
+        if not await self.send_or_drop(_wire.make_data(dst_id, self.id, reply_to, outcome)):
             log.debug("%r: the requester %d went away before its reply", self, dst_id)
 
     async def reply(self, msg: Message, outcome: tuple[Any, object]) -> None:
         """Answer *msg* (which carried a ``reply_to``); swallow a vanished requester."""
         if not msg.reply_to:
             return
+        data_only = self.data_only
         try:
-            reply = _wire.make(msg.src_id, self.id, msg.reply_to, outcome)
+            reply = _wire.make(msg.src_id, self.id, msg.reply_to, outcome, data_only=data_only)
         except WireError as exc:
-            reply = _wire.make(msg.src_id, self.id, msg.reply_to, failed(exc))
+            reply = self._failure_reply(msg, exc)
         try:
             await self.send(reply)
         except (LinkClosed, MessageUndeliverable):
             log.debug("%r: the requester %d went away before its reply", self, msg.src_id)
-        except WireError as exc:
-            await self.send(_wire.make(msg.src_id, self.id, msg.reply_to, failed(exc)))
+        except WireError as exc:  # over the size limit
+            await self.send_or_drop(self._failure_reply(msg, exc))
+
+    def _failure_reply(self, msg: Message, exc: WireError) -> Message:
+        outcome = failed(exc, data_only=self.data_only)
+        return _wire.make(msg.src_id, self.id, msg.reply_to, outcome, data_only=self.data_only)
 
     # -- receiving -------------------------------------------------------
 
@@ -637,6 +663,14 @@ class Router:
         """Deliver or forward one message that arrived on *route*."""
         if route is not None and not self._source_ok(msg.src_id, route):
             self._drop(msg, route, f"source {msg.src_id} cannot be behind this link")
+            return
+        if route is not None and not route.trusted and msg.is_pickle:
+            self._drop(msg, route, "an untrusted context may send only data, not pickles")
+            await self.send_dead(
+                msg,
+                f"refused at {self.id}: {msg.src_id} is untrusted and "
+                "may send only data, not pickles",
+            )
             return
         if msg.dst_id == self.id:
             await self._deliver(msg, route)

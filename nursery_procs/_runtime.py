@@ -148,7 +148,7 @@ async def _send_logs(
             while handler.queue:
                 record = handler.queue[0]
                 if not await router.send_or_drop(
-                    _wire.make(parent_id, router.id, Handle.LOG, record)
+                    _wire.make_data(parent_id, router.id, Handle.LOG, record)
                 ):
                     handler.queue.clear()
                     return
@@ -169,6 +169,7 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
     _adopt_sys_path(boot.sys_path)
     link.max_message_size = boot.max_message_size
     router = Router(boot.context_id, boot.name, siblings_may_talk=boot.siblings_may_talk)
+    router.data_only = not boot.trusted
     _ROUTER.set(router)
     route = router.set_parent(link, boot.parent_id)
     _PARENT.set(parent_context(router, boot.parent_id, boot.parent_name))
@@ -210,7 +211,7 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
                 )
                 print(message, file=sys.stderr, flush=True)
                 await trio.sleep(boot.debug_sleep)
-            await router.send(_wire.make(boot.parent_id, router.id, Handle.READY, os.getpid()))
+            await router.send(_wire.make_data(boot.parent_id, router.id, Handle.READY, os.getpid()))
             try:
                 if target is None:
                     await trio.sleep_forever()
@@ -222,21 +223,28 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
                 logging.getLogger("nursery_procs.runtime").error(
                     "target %r raised", getattr(target, "__qualname__", target), exc_info=True
                 )
-                outcome = failed(exc)
+                outcome = failed(exc, data_only=router.data_only)
                 exit_code = 1
         # Report and close, under a shield: a shutdown must not lose the tail.
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + 2.0
             await _close_logs(handler, logs_done)
-            try:
-                await router.send(_wire.make(boot.parent_id, router.id, Handle.RESULT, outcome))
-            except WireError as exc:
-                await router.send(_wire.make(boot.parent_id, router.id, Handle.RESULT, failed(exc)))
-            except LinkClosed:
-                pass
+            await _report(router, boot.parent_id, outcome)
             await link.aclose(CLOSE_NORMAL, "child exiting")
         nursery.cancel_scope.cancel()
     return exit_code
+
+
+async def _report(router: Router, parent_id: int, outcome: tuple[bool, Any]) -> None:
+    """Send the target's outcome (or why it cannot be sent) to the parent."""
+    data_only = router.data_only
+    try:
+        msg = _wire.make(parent_id, router.id, Handle.RESULT, outcome, data_only=data_only)
+    except WireError as exc:
+        failure = failed(exc, data_only=data_only)
+        msg = _wire.make(parent_id, router.id, Handle.RESULT, failure, data_only=data_only)
+    if not await router.send_or_drop(msg):
+        log.debug("the outcome could not be sent: the parent is gone")
 
 
 def _load_target(boot: Bootstrap) -> tuple[Any, tuple[Any, ...]]:
@@ -254,7 +262,7 @@ async def _answer_call(router: Router, msg: Message, nursery: trio.Nursery) -> N
         fn, args, kwargs, *options = _wire.decode(msg)
         function = resolve(fn)
     except Exception as exc:
-        await router.reply(msg, failed(exc))
+        await router.reply(msg, failed(exc, data_only=router.data_only))
         return
     inline = bool(options and options[0])
     await router.answer_soon(msg, function, nursery, (tuple(args), dict(kwargs)), inline=inline)

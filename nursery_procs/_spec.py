@@ -103,3 +103,5 @@ class Bootstrap:
     max_message_size: int
     siblings_may_talk: bool
     main_module: tuple[str, str] | None = None
+    #: ``False``: the child sends only plain data, never pickles.
+    trusted: bool = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import logging
 import os
 import re
@@ -39,7 +40,7 @@ from ._process import (
 )
 from ._remote import rebuild
 from ._router import ContextInfo, Route, Router, current_router
-from ._spec import Bootstrap, Target, dump_target, main_module_spec
+from ._spec import Bootstrap, dump_target, main_module_spec
 from ._stdio import child_logger, emit, pump_lines
 from ._wire import Handle, Message
 
@@ -118,7 +119,8 @@ class _Incarnation:
             except (WireError, ValueError, TypeError) as exc:
                 life.note(outcome=(False, WireError(f"malformed result: {exc}")))
             else:
-                life.note(outcome=(True, value) if ok else (False, rebuild(value)))
+                failure = None if ok else rebuild(value, trusted=msg.is_pickle)
+                life.note(outcome=(True, value) if ok else (False, failure))
         elif msg.handle == Handle.LOG:
             try:
                 logger_name, level, text, created, exc_text = _wire.decode(msg)
@@ -149,6 +151,7 @@ class Supervisor:
         spawner: Callable[..., Awaitable[Spawned]] = spawn,
         max_restarts: int = 3,
         restart_window: float = 5.0,
+        trusted: bool = True,
     ) -> None:
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, not {max_restarts!r}")
@@ -156,6 +159,8 @@ class Supervisor:
             raise ValueError(f"restart_window must be > 0, not {restart_window!r}")
         self.max_restarts = max_restarts
         self.restart_window = restart_window
+        #: Whether children are trusted unless :meth:`start_child` says otherwise.
+        self.trusted = trusted
         self._restart_times: collections.deque[float] = collections.deque()
         self._restarts_total = 0
         self._nursery = nursery
@@ -220,6 +225,7 @@ class Supervisor:
         debug_sleep: float | None = None,
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
+        trusted: bool | None = None,
     ) -> Context: ...
 
     @overload
@@ -232,6 +238,7 @@ class Supervisor:
         debug_sleep: float | None = None,
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
+        trusted: bool | None = None,
     ) -> Context: ...
 
     async def start_child(
@@ -243,6 +250,7 @@ class Supervisor:
         debug_sleep: float | None = None,
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
+        trusted: bool | None = None,
     ) -> Context:
         """Start ``target(*args)`` in a new child process; return once it is ready.
 
@@ -269,6 +277,11 @@ class Supervisor:
                 :class:`ContextDied` into the supervisor's block, cancelling it, as a
                 failing task cancels its nursery. ``False``: it is only logged (and
                 its handle's :meth:`Context.wait` still reports it).
+            trusted: ``False`` for a child whose messages must never be unpickled
+                here (it may be compromised, for example because it parses input
+                from the network): it sends only plain data (see
+                :doc:`security`), and its exceptions are rebuilt only as built-in
+                types. Default: the supervisor's setting.
 
         Raises:
             ChildStartError: the child exited, broke its handshake, or was not ready
@@ -288,7 +301,12 @@ class Supervisor:
             debug_sleep = float(env_value) if env_value else 0.0
         context_id = await self._router.allocate_id()
         name = name or f"child-{context_id}"
-        life = Lifecycle(name=name, policy=policy or self.policy, debug_sleep=debug_sleep)
+        life = Lifecycle(
+            name=name,
+            policy=policy or self.policy,
+            debug_sleep=debug_sleep,
+            trusted=self.trusted if trusted is None else trusted,
+        )
         ctx, child = owned_context(context_id, name, self._router, Lineage(life))
         self._started_total += 1
         result: Context = await self._nursery.start(
@@ -374,6 +392,7 @@ class Supervisor:
         debug_sleep: float | None = None,
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
+        trusted: bool | None = None,
     ) -> AbstractAsyncContextManager[Context]: ...
 
     @overload
@@ -386,6 +405,7 @@ class Supervisor:
         debug_sleep: float | None = None,
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
+        trusted: bool | None = None,
     ) -> AbstractAsyncContextManager[Context]: ...
 
     def open_child(
@@ -397,45 +417,25 @@ class Supervisor:
         debug_sleep: float | None = None,
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
+        trusted: bool | None = None,
     ) -> AbstractAsyncContextManager[Context]:
         """Start a child bound to a block: leaving the block shuts it down gracefully.
 
         The arguments are those of :meth:`start_child`.
         """
-        return self._open_child(
-            target,
-            *args,
-            name=name,
-            policy=policy,
-            debug_sleep=debug_sleep,
-            restart=restart,
-            raise_on_crash=raise_on_crash,
+        return _closing(
+            functools.partial(
+                self.start_child,
+                target,
+                *args,
+                name=name,
+                policy=policy,
+                debug_sleep=debug_sleep,
+                restart=restart,
+                raise_on_crash=raise_on_crash,
+                trusted=trusted,
+            )
         )
-
-    @asynccontextmanager
-    async def _open_child(
-        self,
-        target: Target,
-        *args: Any,
-        name: str | None = None,
-        policy: Policy | None = None,
-        debug_sleep: float | None = None,
-        restart: Restart | str = Restart.TEMPORARY,
-        raise_on_crash: bool = True,
-    ) -> AsyncIterator[Context]:
-        ctx = await self.start_child(
-            target,
-            *args,
-            name=name,
-            policy=policy,
-            debug_sleep=debug_sleep,
-            restart=restart,
-            raise_on_crash=raise_on_crash,
-        )
-        try:
-            yield ctx
-        finally:
-            await ctx.aclose()
 
     # -- one child's life ------------------------------------------------
 
@@ -533,7 +533,7 @@ class Supervisor:
                 )
                 life.link = link
                 info = ContextInfo(ctx.id, life.name, router.id, life.pid or 0)
-                route = await router.add_child_route(link, info, run)
+                route = await router.add_child_route(link, info, run, trusted=life.trusted)
                 life.advance(State.CREATED)
                 boot = Bootstrap(
                     context_id=ctx.id,
@@ -547,6 +547,7 @@ class Supervisor:
                     max_message_size=policy.max_message_size,
                     siblings_may_talk=router.siblings_may_talk,
                     main_module=main_module_spec(),
+                    trusted=life.trusted,
                 )
                 await link.send(_wire.pack(_wire.make(ctx.id, router.id, Handle.BOOTSTRAP, boot)))
                 self._service.start_soon(_pump, router, route, life, run.pump_scope())
@@ -621,6 +622,16 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for _, child in list(self._children.values()):
                 nursery.start_soon(child.aclose)
+
+
+@asynccontextmanager
+async def _closing(start: Callable[[], Awaitable[Context]]) -> AsyncIterator[Context]:
+    """Start a context and close it when the block ends."""
+    ctx = await start()
+    try:
+        yield ctx
+    finally:
+        await ctx.aclose()
 
 
 class _BootFailed(Exception):
@@ -704,6 +715,7 @@ async def open_supervisor(
     spawner: Callable[..., Awaitable[Spawned]] | None = None,
     max_restarts: int = 3,
     restart_window: float = 5.0,
+    trusted: bool | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Open a supervisor: every child started in it is shut down and reaped before
     the block exits.
@@ -718,6 +730,10 @@ async def open_supervisor(
             started with ``restart="permanent"`` or ``"transient"``) ...
         restart_window: ... within this many seconds; one more makes the
             supervisor fail with :class:`SupervisorError`, closing every child.
+        trusted: whether children may send pickles (``False``: plain data only;
+            see :meth:`Supervisor.start_child`). Default: ``True``, unless this
+            process is itself an untrusted child (then its children are not
+            trusted either).
 
     **Cancellation / errors:** however the block exits (normally, by an exception,
     by cancellation or Ctrl-C), every child gets SHUTDOWN, its grace period, then
@@ -736,6 +752,7 @@ async def open_supervisor(
                 spawner or spawn,
                 max_restarts=max_restarts,
                 restart_window=restart_window,
+                trusted=not router.data_only if trusted is None else trusted,
             )
             supervisor._service = await nursery.start(supervisor._host_services)
             try:

@@ -5,10 +5,16 @@ Every message between contexts is one binary WebSocket message holding a fixed
 
     flags (u8) | 3 bytes zero | dst_id (u32) | src_id (u32) | handle (u32) | reply_to (u32)
 
-``flags`` says how the payload is encoded (:data:`RAW` bytes or a pickle) and
-whether the message is a *dead* reply. Handles below :data:`FIRST_DYNAMIC_HANDLE`
-are reserved for the runtime (see :class:`Handle`); the rest are allocated per
-process for replies.
+``flags`` says how the payload is encoded — :data:`RAW` bytes, :data:`DATA`
+(msgpack: plain data only, nothing that can run code when decoded), or else a
+pickle — and whether the message is a *dead* reply. Handles below
+:data:`FIRST_DYNAMIC_HANDLE` are reserved for the runtime (see :class:`Handle`);
+the rest are allocated per process for replies.
+
+The runtime's own messages (routes, logs, readiness, cancellation) are always
+:data:`DATA`. Users' payloads are pickled between trusted contexts; an untrusted
+context encodes everything it sends as :data:`DATA`, and routers refuse pickles
+that arrive from it (see ``docs/security.rst``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import msgspec
+
 from ._errors import WireError
 
 HEADER = struct.Struct("!BxxxIIII")
@@ -28,7 +36,11 @@ HEADER = struct.Struct("!BxxxIIII")
 RAW = 0x01
 #: Flag: this message is a dead reply; its payload is the UTF-8 reason.
 DEAD = 0x02
-_KNOWN_FLAGS = RAW | DEAD
+#: Flag: the payload is msgpack (data only: decoding it cannot run code).
+DATA = 0x04
+_KNOWN_FLAGS = RAW | DEAD | DATA
+#: The flags of payloads that are not pickles.
+NOT_PICKLED = RAW | DEAD | DATA
 
 #: Default largest message (header included) a link accepts.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
@@ -82,6 +94,11 @@ class Message(NamedTuple):
     def is_dead(self) -> bool:
         return bool(self.flags & DEAD)
 
+    @property
+    def is_pickle(self) -> bool:
+        """Whether decoding the payload means unpickling it."""
+        return not self.flags & NOT_PICKLED
+
 
 def pack(msg: Message) -> bytes:
     """Encode *msg* into one buffer ready for a link."""
@@ -104,10 +121,37 @@ def unpack(buf: bytes) -> Message:
     return Message(dst_id, src_id, handle, reply_to, buf[HEADER.size :], flags)
 
 
-def encode(obj: object) -> tuple[int, bytes]:
-    """Encode a payload: ``bytes`` travel as they are, anything else is pickled."""
+_data_encoder = msgspec.msgpack.Encoder()
+_data_decoder = msgspec.msgpack.Decoder()
+
+
+def encode_data(obj: object) -> bytes:
+    """Encode *obj* as plain data (msgpack), or raise :class:`WireError` saying why not."""
+    try:
+        return _data_encoder.encode(obj)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(
+            f"not plain data ({exc}): an untrusted context sends only plain data (None, "
+            "bool, int, float, str, bytes, and lists, tuples, sets and dicts of them; see "
+            "docs/security.rst)"
+        ) from None
+
+
+def decode_data(data: bytes) -> Any:
+    """Decode a :data:`DATA` payload; raise :class:`WireError` if it is malformed."""
+    try:
+        return _data_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"malformed data payload: {exc}") from None
+
+
+def encode(obj: object, *, data_only: bool = False) -> tuple[int, bytes]:
+    """Encode a payload: ``bytes`` travel as they are; anything else is pickled, or
+    with *data_only* encoded as plain data."""
     if type(obj) is bytes:
         return RAW, obj
+    if data_only:
+        return DATA, encode_data(obj)
     try:
         return 0, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -139,16 +183,35 @@ def loads(data: bytes) -> Any:
 
 
 def decode(msg: Message) -> Any:
-    """Decode a payload encoded by :func:`encode`."""
+    """Decode a payload encoded by :func:`encode`.
+
+    Routers never let a pickle arrive from an untrusted context (see
+    :meth:`Message.is_pickle`), so what is unpickled here came from a trusted one.
+    """
     if msg.flags & RAW:
         return msg.data
+    if msg.flags & DATA:
+        return decode_data(msg.data)
     try:
         return loads(msg.data)
     except Exception as exc:
         raise WireError(f"cannot unpickle payload for handle {msg.handle}: {exc!r}") from exc
 
 
-def make(dst_id: int, src_id: int, handle: int, obj: object, reply_to: int = 0) -> Message:
-    """Build a message carrying *obj*."""
-    flags, data = encode(obj)
+def make(
+    dst_id: int,
+    src_id: int,
+    handle: int,
+    obj: object,
+    reply_to: int = 0,
+    *,
+    data_only: bool = False,
+) -> Message:
+    """Build a message carrying *obj* (as plain data only, with *data_only*)."""
+    flags, data = encode(obj, data_only=data_only)
     return Message(dst_id, src_id, handle, reply_to, data, flags)
+
+
+def make_data(dst_id: int, src_id: int, handle: int, obj: object, reply_to: int = 0) -> Message:
+    """Build one of the runtime's own messages: always plain data."""
+    return Message(dst_id, src_id, handle, reply_to, encode_data(obj), DATA)
