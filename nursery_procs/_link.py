@@ -106,6 +106,18 @@ def _header(opcode: int, length: int, masked: bool) -> bytes:
     return bytes((b0, mask_bit | 127)) + _U64.pack(length)
 
 
+def _remaining(chunks: tuple[bytes, ...], written: int) -> list[bytes | memoryview]:
+    """What is left of *chunks* once *written* bytes of them have been sent."""
+    left: list[bytes | memoryview] = []
+    for chunk in chunks:
+        if written >= len(chunk):
+            written -= len(chunk)
+            continue
+        left.append(memoryview(chunk)[written:] if written else chunk)
+        written = 0
+    return left
+
+
 def _valid_close_code(code: int) -> bool:
     """Whether a peer may send *code* in a close frame (RFC 6455 section 7.4)."""
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
@@ -171,6 +183,11 @@ class Link(trio.abc.Channel[bytes]):
         initial: bytes = b"",
     ) -> None:
         self.stream = stream
+        # Over a socket, frames are read and written with direct non-blocking
+        # system calls on its descriptor, waiting through Trio only when the socket
+        # is not ready: Trio's socket methods add two scheduling rounds to every
+        # call (see docs/design.rst). -1: another kind of stream, used as it is.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self.client = client
         self.max_message_size = max_message_size
         self._buf = bytearray(initial)
@@ -251,19 +268,15 @@ class Link(trio.abc.Channel[bytes]):
             written = 0
             done = False
             try:
-                sock = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
-                for chunk in chunks:
-                    if sock is None:
+                if self._fd < 0:
+                    for chunk in chunks:
                         await self.stream.send_all(chunk)
                         written += len(chunk)
-                        continue
-                    # Sent by hand so that we know whether a cancelled write left
+                else:
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    # Written by hand so that we know whether a cancelled write left
                     # half a frame behind (then the link is lost) or nothing at all.
-                    with memoryview(chunk) as view:
-                        while view:
-                            sent = await sock.send(view)
-                            written += sent
-                            view = view[sent:]
+                    written = await self._write_fd(chunks)
                 done = True
             except STREAM_ERRORS as exc:  # not map_stream_errors: this is the hot path
                 raise self._broken("stream broke while sending")(exc) from None
@@ -271,6 +284,29 @@ class Link(trio.abc.Channel[bytes]):
                 if not done and written and self.close_code is None:
                     # The byte stream is out of step now; nothing more can be sent.
                     self._mark_closed(CLOSE_ABNORMAL, "cancelled in the middle of a frame")
+
+    async def _write_fd(self, chunks: tuple[bytes, ...]) -> int:
+        """Write *chunks* to the socket; return how many bytes were written (all of
+        them, unless cancelled while the socket was full: then the error says how
+        many, in ``written``)."""
+        fd = self._fd
+        total = sum(map(len, chunks))
+        written = 0
+        pending: list[bytes | memoryview] = list(chunks)
+        while True:
+            try:
+                written += os.writev(fd, pending)
+            except BlockingIOError:
+                pass
+            if written == total:
+                return written
+            pending = _remaining(chunks, written)
+            try:
+                await trio.lowlevel.wait_writable(fd)
+            except BaseException:
+                if written and self.close_code is None:
+                    self._mark_closed(CLOSE_ABNORMAL, "cancelled in the middle of a frame")
+                raise
 
     async def _send_control(self, opcode: int, payload: bytes) -> None:
         """Send a control frame.
@@ -348,8 +384,16 @@ class Link(trio.abc.Channel[bytes]):
 
     async def _fill(self, needed: int) -> None:
         buf = self._buf
+        fd = self._fd
         while len(buf) < needed:
-            data = await self.stream.receive_some(max(_READ_SIZE, needed - len(buf)))
+            if fd < 0:
+                data = await self.stream.receive_some(max(_READ_SIZE, needed - len(buf)))
+            else:
+                try:
+                    data = os.read(fd, max(_READ_SIZE, needed - len(buf)))
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
             if not data:
                 self._mark_closed(CLOSE_ABNORMAL, "stream ended without a close frame")
                 await self._close_stream()
@@ -451,6 +495,7 @@ class Link(trio.abc.Channel[bytes]):
             self.close_reason = reason
 
     async def _close_stream(self) -> None:
+        self._fd = -1  # never touch the descriptor again: its number may be reused
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)
 
