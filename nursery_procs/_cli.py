@@ -10,11 +10,8 @@ Usage::
     nursery-procs resize NAME [--spare N] [--max M] [--idle-timeout T]
 
 The socket defaults to ``$NURSERY_PROCS_CONTROL``, else ``./nursery-procs.sock``.
-
-Exit status: 0 on success, 1 if the server answered with an error, 2 for a usage
-error, 3 if there is no socket file, 4 if the socket refuses connections (a stale
-file, or no permission), 5 if the server did not answer properly (timeout,
-malformed answer).
+Before sending anything, the command checks that the server runs as this user or
+root (``--server-uid`` names another). Exit statuses: see :data:`EXIT_STATUSES`.
 """
 
 from __future__ import annotations
@@ -28,16 +25,36 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
 from . import _control_schema as schema
-from ._cli_format import format_pool, format_pools, format_status, format_stopping, format_tree
+from ._cli_format import format_pools, format_status, format_stopping, format_tree
 from ._control_client import (
+    EXIT_BAD_ANSWER,
+    EXIT_NO_SOCKET,
+    EXIT_NOT_A_SOCKET,
     EXIT_OK,
+    EXIT_REFUSED,
     EXIT_SERVER_ERROR,
+    EXIT_STALE,
     EXIT_USAGE,
+    EXIT_WRONG_SERVER,
     ClientError,
+    default_server_uids,
     request,
 )
 from ._control_schema import DEFAULT_SOCKET, SOCKET_ENV
 from ._version import __version__
+
+#: Each exit status of the command and what it means.
+EXIT_STATUSES: Final = {
+    EXIT_OK: "done",
+    EXIT_SERVER_ERROR: "the server answered with an error",
+    EXIT_USAGE: "usage error",
+    EXIT_NO_SOCKET: "nothing at the path",
+    EXIT_STALE: "a stale socket: nobody listens on it",
+    EXIT_BAD_ANSWER: "no proper answer (timeout, malformed)",
+    EXIT_NOT_A_SOCKET: "the path is not a socket (a file, a folder)",
+    EXIT_REFUSED: "the server refused us (permission denied, 403)",
+    EXIT_WRONG_SERVER: "the server runs as an unexpected user (nothing sent)",
+}
 
 # -- commands ------------------------------------------------------------------
 
@@ -129,7 +146,7 @@ COMMANDS: Final = (
         "change a pool's settings, live",
         "PUT",
         lambda args: schema.path("pools", args.name),
-        format_pool,
+        lambda answer: format_pools([answer]),
         (
             _arg("name", help="the pool's name"),
             _arg(
@@ -178,13 +195,21 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="how long to wait for an answer (default: 10)",
     )
+    common.add_argument(
+        "--server-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        default=argparse.SUPPRESS,
+        help="a user id the server may run as (repeat for several; default: yours, or root)",
+    )
     parser = argparse.ArgumentParser(
         prog="nursery-procs",
         description="Look at and control a running nursery_procs supervisor "
         "through its control socket.",
         parents=[common],
-        epilog="exit status: 0 ok, 1 the server answered an error, 2 usage error, "
-        "3 no socket file, 4 the socket refuses connections, 5 no proper answer",
+        epilog="exit status: "
+        + "; ".join(f"{code} {text}" for code, text in EXIT_STATUSES.items()),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -206,7 +231,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         body = None if command.body is None else command.body(args)
         status, answer = request(
-            path, command.method, command.path(args), body, timeout=getattr(args, "timeout", 10.0)
+            path,
+            command.method,
+            command.path(args),
+            body,
+            timeout=getattr(args, "timeout", 10.0),
+            server_uids=getattr(args, "server_uid", None) or default_server_uids(),
         )
     except UsageError as exc:
         _error(str(exc))

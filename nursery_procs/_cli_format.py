@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 
@@ -34,6 +35,8 @@ def _size(value: int | None) -> str:
 
 def _describe_context(node: dict[str, Any]) -> str:
     parts = [f"id {node.get('id')}", f"pid {node.get('pid')}", str(node.get("state"))]
+    if node.get("session") is not None:
+        parts.append(f"session {node['session']!r}")
     if node.get("uptime") is not None:
         parts.append(f"up {_duration(node['uptime'])}")
     if node.get("rss_bytes") is not None:
@@ -78,48 +81,43 @@ def format_status(status: dict[str, Any]) -> str:
     )
 
 
-_POOL_COLUMNS: Final = (
-    "spare",
-    "max",
-    "idle",
-    "busy",
-    "starting",
-    "stopping",
-    "waiting",
-    "sessions",
-    "idle_timeout",
+def _latency(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return _duration(seconds)
+
+
+def _timeout(seconds: float | None) -> str:
+    return "none" if seconds is None else _duration(seconds)
+
+
+#: The columns of the pools table: header, statistic, how it is shown.
+_POOL_COLUMNS: Final[tuple[tuple[str, str, Callable[[Any], str]], ...]] = (
+    *((name, name, str) for name in ("spare", "max", "idle", "busy", "starting", "stopping")),
+    *((name, name, str) for name in ("waiting", "sessions")),
+    ("idle_timeout", "idle_timeout", _timeout),
+    ("take_median", "take_latency_median", _latency),
 )
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def format_pools(pools: list[dict[str, Any]]) -> str:
-    """The pools answered by ``GET /pools``, as a table."""
+    """Pools (as ``GET /pools`` or ``PUT /pools/<name>`` answer them) as a table."""
     if not pools:
         return "no pools"
-    header = ["name", *_POOL_COLUMNS]
-    rows = [header]
+    rows = [["name", *(header for header, _, _ in _POOL_COLUMNS)]]
     for pool in pools:
         stats = pool.get("statistics", {})
-        row = [str(pool.get("name"))]
-        row += [_cell(stats.get(column)) for column in _POOL_COLUMNS]
-        rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        name = str(pool.get("name")) + (" (closed)" if pool.get("closed") else "")
+        rows.append([name, *(show(stats.get(key)) for _, key, show in _POOL_COLUMNS)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
-
-
-def format_pool(pool: dict[str, Any]) -> str:
-    stats = pool.get("statistics", {})
-    lines = [f"pool {pool.get('name')}" + (" (closed)" if pool.get("closed") else "")]
-    lines += [f"  {key}: {'-' if value is None else value}" for key, value in stats.items()]
-    return "\n".join(lines)
 
 
 def format_stopping(context: dict[str, Any]) -> str:

@@ -63,7 +63,7 @@ def _node_key(node: _Node) -> int:
 _NO_TRAFFIC = {"messages_in": None, "messages_out": None, "bytes_in": None, "bytes_out": None}
 
 
-def _context_data(ctx: Context) -> dict[str, Any]:
+def _context_data(ctx: Context, session: str | None) -> dict[str, Any]:
     stats = ctx.statistics()
     return {
         "id": ctx.id,
@@ -72,6 +72,7 @@ def _context_data(ctx: Context) -> dict[str, Any]:
         "pid": ctx.pid,
         "state": ctx.state.value,
         "direct": True,
+        "session": session,
         "uptime": stats.uptime,
         "rss_bytes": _rss_bytes(ctx.pid),
         "messages_in": stats.messages_in,
@@ -91,6 +92,7 @@ def _deeper_data(context_id: int, name: str, parent_id: int, pid: int) -> dict[s
         "pid": pid,
         "state": State.READY.value,
         "direct": False,
+        "session": None,
         "uptime": None,
         "rss_bytes": None,
         **_NO_TRAFFIC,
@@ -106,9 +108,19 @@ def _root_data(supervisor: Supervisor) -> dict[str, Any]:
         "pid": os.getpid(),
         "state": State.READY.value,
         "direct": False,
+        "session": None,
         "uptime": trio.current_time() - supervisor.started_at,
         "rss_bytes": _rss_bytes(os.getpid()),
         **_NO_TRAFFIC,
+    }
+
+
+def _session_keys(supervisor: Supervisor) -> dict[int, str]:
+    """The session key (as text) of each pooled child that serves a session, by id."""
+    return {
+        ctx.id: key if isinstance(key, str) else repr(key)
+        for pool in pools_of(supervisor).values()
+        for key, ctx in pool.sessions().items()
     }
 
 
@@ -117,8 +129,9 @@ def _nodes(supervisor: Supervisor) -> tuple[_Node, dict[int, _Node]]:
     router = supervisor.router
     root = _Node(router.id, _root_data(supervisor), None)
     nodes: dict[int, _Node] = {}
+    sessions = _session_keys(supervisor)
     for ctx in supervisor.children:
-        nodes[ctx.id] = _Node(ctx.id, _context_data(ctx), router.id)
+        nodes[ctx.id] = _Node(ctx.id, _context_data(ctx, sessions.get(ctx.id)), router.id)
     for info in list(router.directory.values()):
         if info.id not in nodes and info.id != router.id:
             nodes[info.id] = _Node(

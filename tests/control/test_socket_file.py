@@ -124,7 +124,7 @@ async def test_a_live_socket_is_not_stolen_and_a_stale_one_is_replaced(sock_path
         assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
         with pytest.raises(_control_client.ClientError) as refused:
             _control_client.request(sock_path, "GET", "/status")
-        assert refused.value.exit_code == _control_client.EXIT_REFUSED
+        assert refused.value.exit_code == _control_client.EXIT_STALE
 
         async with open_control(sup, sock_path):
             assert os.stat(sock_path).st_ino != inode
