@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 
 from ._control_http import HTTPServer, Limits
+from ._control_metrics import metrics_registry
 from ._control_socket import open_socket_file
 from ._control_views import ControlAPI
 from ._groups import unwrap_sole_exception
 from ._supervisor import Supervisor
+
+if TYPE_CHECKING:  # prometheus-client is imported when a server starts
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger("nursery_procs.control")
 
@@ -44,6 +48,7 @@ async def serve_control(
     max_body: int = DEFAULT_MAX_BODY,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     backlog: int = 128,
+    collectors: Iterable[Collector] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve the control API of *supervisor* on a Unix socket at *path*; never returns.
@@ -76,12 +81,17 @@ async def serve_control(
         max_body: the largest request body, in bytes (bigger: 413).
         max_connections: connections served at once (more: 503).
         backlog: the listening socket's backlog.
+        collectors: the application's own prometheus-client collectors, served
+            at ``GET /metrics`` with the supervisor's figures (for example a
+            :class:`prometheus_client.Counter` made with ``registry=None``, or
+            any object with a ``collect()`` method).
 
     Raises:
         ControlSocketBusy: another server accepts connections on *path*, or it
             cannot be told (for example another user's socket).
         FileExistsError: *path* exists and is not a socket.
-        ValueError: *path* is too long for a Unix socket.
+        ValueError: *path* is too long for a Unix socket, or two collectors
+            make metrics of the same name.
         OSError: the socket could not be created (for example no such directory).
 
     **Cancellation:** the way to stop it. Connections are closed at once; contexts
@@ -100,13 +110,14 @@ async def serve_control(
     the ``nursery_procs.control`` logger).
     """
     text = os.fspath(path)
+    metrics = metrics_registry(supervisor, collectors)
     listener = await open_socket_file(text, backlog)
     # serve_listeners closes the listener, which removes the file first.
     async with listener, trio.open_nursery() as tasks:
         limits = Limits(
             read_timeout=read_timeout, max_body=max_body, max_connections=max_connections
         )
-        server = HTTPServer(ControlAPI(supervisor, tasks), limits)
+        server = HTTPServer(ControlAPI(supervisor, tasks, metrics), limits)
         # The socket listens already: clients wait in its backlog until accepted.
         tasks.start_soon(server.serve, listener)
         log.info("control socket listening at %r", text)

@@ -15,6 +15,7 @@ from typing import Any, Final, NoReturn
 #: The paths and the methods each allows: (first segment, whether a name follows).
 ROUTES: Final[Mapping[tuple[str, bool], tuple[str, ...]]] = {
     ("status", False): ("GET",),
+    ("metrics", False): ("GET",),
     ("contexts", False): ("GET",),
     ("contexts", True): ("GET", "DELETE"),
     ("pools", False): ("GET",),

@@ -10,18 +10,22 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from ._context import Context, context_by_id
 from ._control_http import Reply, Request, error_reply, json_reply
+from ._control_metrics import render
 from ._control_schema import BadRequest, match, parse_json, pool_changes, split_target
 from ._errors import PoolClosed
 from ._lifecycle import State
 from ._pool import Pool, pools_of
 from ._supervisor import Supervisor
+
+if TYPE_CHECKING:  # prometheus-client is imported when a server starts
+    from prometheus_client.registry import CollectorRegistry
 
 log = logging.getLogger("nursery_procs.control")
 
@@ -192,10 +196,12 @@ class ControlAPI:
 
     Contexts stopped on a client's request are closed in *tasks*, so that the
     answer comes at once and the stop goes on after the client has left.
+    ``GET /metrics`` renders *metrics*.
     """
 
     supervisor: Supervisor
     tasks: trio.Nursery
+    metrics: CollectorRegistry
 
     async def __call__(self, request: Request) -> Reply:
         try:
@@ -220,6 +226,10 @@ class ControlAPI:
 
     async def get_status(self, name: str | None, body: bytes) -> Reply:
         return json_reply(200, _status(self.supervisor))
+
+    async def get_metrics(self, name: str | None, body: bytes) -> Reply:
+        text, content_type = render(self.metrics)
+        return Reply(200, text, content_type)
 
     async def get_contexts(self, name: str | None, body: bytes) -> Reply:
         if name is None:
@@ -265,6 +275,7 @@ class ControlAPI:
 
 _VIEWS: dict[tuple[str, str], _View] = {
     ("GET", "status"): ControlAPI.get_status,
+    ("GET", "metrics"): ControlAPI.get_metrics,
     ("GET", "contexts"): ControlAPI.get_contexts,
     ("DELETE", "contexts"): ControlAPI.delete_contexts,
     ("GET", "pools"): ControlAPI.get_pools,
