@@ -49,6 +49,7 @@ async def serve_control(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     backlog: int = 128,
     collectors: Iterable[Collector] = (),
+    allow_uids: Iterable[int] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve the control API of *supervisor* on a Unix socket at *path*; never returns.
@@ -63,8 +64,19 @@ async def serve_control(
     connections on it: a client never sees a file that refuses it, and never
     waits for one to start listening.
 
-    Before the rename, an existing file at *path* is probed: a socket nobody
-    listens on (left by a killed server) is replaced; a live one is not.
+    Before the rename, an existing file at *path* is probed: a socket of this
+    user that nobody listens on (left by a killed server) is replaced; a live
+    one, another user's, a symbolic link (never followed) or anything else is
+    not. The folder must be safe from other users first: owned by this user (or
+    root) and writable by no one else, with every folder above it owned by this
+    user or root and writable by others only if sticky (as ``/tmp``), so that
+    ``/tmp/myapp/control.sock`` with a private ``/tmp/myapp`` is fine and
+    ``/tmp/control.sock`` is not.
+
+    Each connecting peer's user id is checked with ``SO_PEERCRED``: the server's
+    own user and *allow_uids* are served, anyone else is answered 403 and
+    logged (the file's ``0600`` mode already keeps other users out; this check
+    holds even if the mode is changed).
 
     If two servers start on the same path at the same moment, both may find it
     free; each rename is atomic, so the later one owns the path and the earlier
@@ -85,14 +97,23 @@ async def serve_control(
             at ``GET /metrics`` with the supervisor's figures (for example a
             :class:`prometheus_client.Counter` made with ``registry=None``, or
             any object with a ``collect()`` method).
+        allow_uids: user ids allowed to use the socket besides the server's
+            own (checked with ``SO_PEERCRED`` on each connection; others are
+            answered 403). Root is not allowed unless it is the server's user
+            or listed here.
 
     Raises:
         ControlSocketBusy: another server accepts connections on *path*, or it
-            cannot be told (for example another user's socket).
-        FileExistsError: *path* exists and is not a socket.
-        ValueError: *path* is too long for a Unix socket, or two collectors
-            make metrics of the same name.
-        OSError: the socket could not be created (for example no such directory).
+            cannot be told, or the socket there is another user's.
+        FileExistsError: *path* exists and is not a socket (a symbolic link
+            among others).
+        PermissionError: the folder is not safe from other users (the message
+            names the folder and why).
+        FileNotFoundError: the folder does not exist.
+        ValueError: *path* is too long for a Unix socket, two collectors make
+            metrics of the same name, or *allow_uids* holds something other
+            than a user id.
+        OSError: the socket could not be created.
 
     **Cancellation:** the way to stop it. Connections are closed at once; contexts
     already being stopped on a client's request finish stopping (their shutdown is
@@ -104,12 +125,13 @@ async def serve_control(
     ``SIGKILL`` leaves a stale file, which the next server replaces.
 
     **Error handling:** nothing a client sends stops the server or the
-    supervisor. Malformed HTTP is answered 400 (431 for huge headers), unknown
-    paths 404, wrong methods 405 with ``Allow``, bodies that are not JSON or hold
-    invalid values 400, and an error in a handler 500 without details (logged on
-    the ``nursery_procs.control`` logger).
+    supervisor. A peer of another user is answered 403, malformed HTTP 400 (431
+    for huge headers), unknown paths 404, wrong methods 405 with ``Allow``,
+    bodies that are not JSON or hold invalid values 400, and an error in a
+    handler 500 without details (logged on the ``nursery_procs.control`` logger).
     """
     text = os.fspath(path)
+    allowed = _allowed_uids(allow_uids)
     metrics = metrics_registry(supervisor, collectors)
     listener = await open_socket_file(text, backlog)
     # serve_listeners closes the listener, which removes the file first.
@@ -117,13 +139,21 @@ async def serve_control(
         limits = Limits(
             read_timeout=read_timeout, max_body=max_body, max_connections=max_connections
         )
-        server = HTTPServer(ControlAPI(supervisor, tasks, metrics), limits)
+        server = HTTPServer(ControlAPI(supervisor, tasks, metrics), limits, allowed)
         # The socket listens already: clients wait in its backlog until accepted.
         tasks.start_soon(server.serve, listener)
         log.info("control socket listening at %r", text)
         task_status.started(text)
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _allowed_uids(allow_uids: Iterable[int]) -> frozenset[int]:
+    uids = frozenset(allow_uids)
+    for uid in uids:
+        if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
+            raise ValueError(f"allow_uids must hold user ids (integers >= 0), not {uid!r}")
+    return uids | {os.getuid()}
 
 
 @asynccontextmanager
@@ -138,6 +168,8 @@ async def open_control(
     Raises:
         ControlSocketBusy: another server accepts connections on *path*.
         FileExistsError: *path* exists and is not a socket.
+        PermissionError: the folder is not safe from other users.
+        ValueError: see :func:`serve_control`.
 
     **Cancellation:** leaving the block (normally, by an exception or by
     cancellation) stops the server.

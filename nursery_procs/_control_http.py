@@ -18,6 +18,7 @@ import h11
 import trio
 
 from ._control_schema import to_json
+from ._peercred import peer_credentials, user_name
 
 log = logging.getLogger("nursery_procs.control")
 
@@ -95,10 +96,12 @@ class _Closed(Exception):
 
 @attrs.define(eq=False)
 class HTTPServer:
-    """Serves *app* on every connection handed to :meth:`handle`."""
+    """Serves *app* on every connection handed to :meth:`handle` from a peer whose
+    user id is in *allowed_uids* (checked with ``SO_PEERCRED``); others get 403."""
 
     app: App
     limits: Limits
+    allowed_uids: frozenset[int]
     _slots: trio.CapacityLimiter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -113,6 +116,10 @@ class HTTPServer:
         try:
             async with stream:
                 connection = _Connection(stream, self.app, self.limits)
+                refusal = self._check_peer(stream)
+                if refusal is not None:
+                    await connection.refuse(refusal)
+                    return
                 try:
                     self._slots.acquire_nowait()
                 except trio.WouldBlock:
@@ -124,6 +131,17 @@ class HTTPServer:
                     self._slots.release()
         except Exception:
             log.exception("control connection failed")
+
+    def _check_peer(self, stream: trio.SocketStream) -> Reply | None:
+        """403 for a peer of a user not allowed, else None."""
+        peer = peer_credentials(stream.socket)
+        if peer.uid in self.allowed_uids:
+            return None
+        who = user_name(peer.uid)
+        log.warning("control socket: refused %s (pid %d): not an allowed user", who, peer.pid)
+        return error_reply(
+            403, f"{who} may not use this control socket (its server can allow it: allow_uids)"
+        )
 
 
 def _both_done(conn: h11.Connection) -> bool:

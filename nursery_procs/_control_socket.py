@@ -4,6 +4,10 @@ The socket is bound in a private temporary directory beside the path, made
 ``0600``, set listening, and only then renamed onto the path, so whenever the
 file exists a server accepts connections on it (NGINX Unit does the same). A
 stale file left by a killed server is replaced; a live one is never taken over.
+
+The folder is checked first, as OpenSSH checks the modes of the files it
+trusts: a folder another user can write to (or owns) lets that user remove our
+socket and put an impostor in its place, so it is refused.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import os
 import secrets
 import stat
 from contextlib import suppress
-from typing import Final
+from typing import Final, NoReturn
 
 import attrs
 import trio
 
 from ._errors import ControlSocketBusy
+from ._peercred import user_name
 
 log = logging.getLogger("nursery_procs.control")
 
@@ -73,13 +78,17 @@ async def open_socket_file(path: str, backlog: int) -> SocketFileListener:
     """Listen on a Unix socket at *path*, which appears only once it accepts connections.
 
     Raises:
-        ControlSocketBusy: another server accepts connections on *path*, or it
-            cannot be told.
-        FileExistsError: *path* exists and is not a socket.
+        ControlSocketBusy: another server accepts connections on *path*, it
+            cannot be told, or the socket there is another user's.
+        FileExistsError: *path* exists and is not a socket (a symbolic link
+            among others: never followed).
+        PermissionError: the folder is not private (see :func:`check_folder`).
+        FileNotFoundError: the folder does not exist.
         ValueError: *path* is too long for a Unix socket.
         OSError: the socket could not be created.
     """
     _check_length(path)
+    check_folder(path)
     temp_dir = _temporary_directory(path)
     temp = os.path.join(temp_dir, "s")
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -111,6 +120,53 @@ def _check_length(path: str) -> None:
         )
 
 
+def _trusted_owner(uid: int) -> bool:
+    return uid in (os.getuid(), 0)
+
+
+def _refuse(folder: str, why: str) -> NoReturn:
+    raise PermissionError(
+        errno.EACCES,
+        f"refusing to create the control socket in {folder!r}: {why}; put it in a folder "
+        "of its own that only this user can write to (mode 0700), such as "
+        "$XDG_RUNTIME_DIR/<app>/ or /run/<app>/",
+        folder,
+    )
+
+
+def check_folder(path: str) -> None:
+    """Check that no other user can replace the socket at *path*.
+
+    The socket's folder must be owned by this user (or root) and writable by
+    no one else. Each folder above it must be owned by this user or root, and
+    writable by others only if it is sticky (as ``/tmp`` is: there, others
+    cannot rename or remove what is not theirs).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        PermissionError: a folder fails the check (the message says which and why).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        real = os.path.realpath(folder, strict=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT, "the control socket's folder does not exist", folder
+        ) from None
+    current, own = real, True
+    while True:
+        st = os.stat(current)
+        mode = stat.S_IMODE(st.st_mode)
+        if not _trusted_owner(st.st_uid):
+            _refuse(current, f"it belongs to {user_name(st.st_uid)}")
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and (own or not mode & stat.S_ISVTX):
+            sticky = " (sticky, but the socket must not go in it directly)" if own else ""
+            _refuse(current, f"other users can write to it (mode {mode:04o}){sticky}")
+        if current == "/":
+            return
+        current, own = os.path.dirname(current), False
+
+
 def _temporary_directory(path: str) -> str:
     """A new private (0700) directory beside *path*, for binding the socket unseen."""
     directory, base = os.path.split(path)
@@ -139,8 +195,16 @@ async def _probe(path: str) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
+    if stat.S_ISLNK(st.st_mode):
+        raise FileExistsError(
+            errno.EEXIST, "is a symbolic link (never followed): not replacing it", path
+        )
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", path)
+    if st.st_uid != os.getuid():
+        raise ControlSocketBusy(
+            path, f"the socket there belongs to {user_name(st.st_uid)}: not taking it over"
+        )
     probe = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     with probe:
         try:
