@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import msgspec
+import msgpack
 
 from ._errors import WireError
 
@@ -121,18 +121,18 @@ def unpack(buf: bytes) -> Message:
     return Message(dst_id, src_id, handle, reply_to, buf[HEADER.size :], flags)
 
 
-_data_encoder = msgspec.msgpack.Encoder()
-_data_decoder = msgspec.msgpack.Decoder()
+_packer = msgpack.Packer()
 
 
 def encode_data(obj: object) -> bytes:
     """Encode *obj* as plain data (msgpack), or raise :class:`WireError` saying why not."""
     try:
-        return _data_encoder.encode(obj)
+        packed: bytes = _packer.pack(obj)
+        return packed
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireError(
             f"not plain data ({exc}): an untrusted context sends only plain data (None, "
-            "bool, int, float, str, bytes, and lists, tuples, sets and dicts of them; see "
+            "bool, int, float, str, bytes, and lists, tuples and dicts of them; see "
             "docs/security.rst)"
         ) from None
 
@@ -140,9 +140,9 @@ def encode_data(obj: object) -> bytes:
 def decode_data(data: bytes) -> Any:
     """Decode a :data:`DATA` payload; raise :class:`WireError` if it is malformed."""
     try:
-        return _data_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise WireError(f"malformed data payload: {exc}") from None
+        return msgpack.unpackb(data, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types for malformed input
+        raise WireError(f"malformed data payload: {exc!r}") from None
 
 
 def encode(obj: object, *, data_only: bool = False) -> tuple[int, bytes]:

@@ -56,7 +56,7 @@ async def test_a_non_data_result_from_an_untrusted_child_is_a_clear_error() -> N
             await ctx.call(tt.returns_an_object)
         assert info.value.remote_type == "nursery_procs._errors.WireError"
         assert "not plain data" in info.value.remote_message
-        assert "type Opaque is unsupported" in info.value.remote_message
+        assert "can not serialize 'Opaque' object" in info.value.remote_message
         # The child is fine and answers the next call.
         assert await ctx.call(tt.returns_containers) == {
             "tuple": [1, "two"],
