@@ -56,6 +56,8 @@ CLOSE_INTERNAL_ERROR: Final = 1011
 _U16: Final = struct.Struct("!H")
 _U64: Final = struct.Struct("!Q")
 _READ_SIZE: Final = 65536
+#: Messages a link sends or receives without waiting before it yields anyway.
+_YIELD_EVERY: Final = 64
 # Below this, masking with Python integers is cheaper than importing the C helper.
 _SMALL_MASK: Final = 2048
 
@@ -188,6 +190,8 @@ class Link(trio.abc.Channel[bytes]):
         # is not ready: Trio's socket methods add two scheduling rounds to every
         # call (see docs/design.rst). -1: another kind of stream, used as it is.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        # Messages moved without waiting since the last yield to other tasks.
+        self._unyielded = 0
         self.client = client
         self.max_message_size = max_message_size
         self._buf = bytearray(initial)
@@ -273,7 +277,7 @@ class Link(trio.abc.Channel[bytes]):
                         await self.stream.send_all(chunk)
                         written += len(chunk)
                 else:
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                    await self._checkpoint()
                     # Written by hand so that we know whether a cancelled write left
                     # half a frame behind (then the link is lost) or nothing at all.
                     written = await self._write_fd(chunks)
@@ -284,6 +288,17 @@ class Link(trio.abc.Channel[bytes]):
                 if not done and written and self.close_code is None:
                     # The byte stream is out of step now; nothing more can be sent.
                     self._mark_closed(CLOSE_ABNORMAL, "cancelled in the middle of a frame")
+
+    async def _checkpoint(self) -> None:
+        """A cancellation point; and a schedule point now and then, so that a busy
+        link never keeps other tasks waiting for long (Trio's socket methods yield
+        on every call, which costs a trip through the scheduler each time)."""
+        self._unyielded += 1
+        if self._unyielded < _YIELD_EVERY:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
 
     async def _write_fd(self, chunks: tuple[bytes, ...]) -> int:
         """Write *chunks* to the socket; return how many bytes were written (all of
@@ -342,6 +357,8 @@ class Link(trio.abc.Channel[bytes]):
         """
         if self.close_code is not None:
             raise self._closed_error()
+        if self._fd >= 0:
+            await self._checkpoint()
         try:
             while True:
                 opcode, fin, payload = await self._read_frame()
@@ -392,6 +409,7 @@ class Link(trio.abc.Channel[bytes]):
                 try:
                     data = os.read(fd, max(_READ_SIZE, needed - len(buf)))
                 except BlockingIOError:
+                    self._unyielded = 0
                     await trio.lowlevel.wait_readable(fd)
                     continue
             if not data:

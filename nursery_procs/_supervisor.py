@@ -515,6 +515,11 @@ class Supervisor:
                 returncode = await kill_and_reap(process)
             life.note(returncode=returncode)
         if life.link is not None:
+            if life.said_ready:
+                # What the child sent before it exited (its result, its last log
+                # records) may still be in the socket: let the reader take it first.
+                with trio.move_on_after(life.policy.drain_timeout):
+                    await life.wait_until(lambda: life.link_done)
             await life.link.aclose()
         if drained is not None:
             with trio.move_on_after(life.policy.drain_timeout):

@@ -14,8 +14,11 @@ from nursery_procs._errors import LinkClosed
 from nursery_procs._link import Link, accept_link, connect_link
 
 from .peers import (
+    BINARY,
     digest,
+    frame,
     open_pair,
+    open_raw,
     pattern,
 )
 
@@ -115,3 +118,36 @@ def test_random_payloads_arrive_intact_and_in_order(up: list[bytes], down: list[
         await server.aclose()
 
     trio.run(main)
+
+
+async def test_a_busy_link_still_lets_other_tasks_run() -> None:
+    # Over a socket the link uses direct system calls, which do not yield; it must
+    # yield now and then anyway, or a busy link would starve every other task.
+    async with open_raw("socket", "server") as (link, peer):
+        ticks = 0
+
+        async def other_task() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        async def drain_peer() -> None:  # many tiny frames fill a Unix socket fast
+            while await peer.receive_some(65536):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)
+            nursery.start_soon(drain_peer)
+            await peer.send_all(b"".join(frame(BINARY, b"m", mask=True) for _ in range(300)))
+            before = ticks
+            for _ in range(300):
+                assert await link.receive() == b"m"
+            # Without its periodic yields the link would let the other task run at
+            # most once (if it had to wait for the data), and not at all below.
+            assert ticks - before >= 2
+            before = ticks
+            for _ in range(300):
+                await link.send(b"s")
+            assert ticks - before >= 2
+            nursery.cancel_scope.cancel()
