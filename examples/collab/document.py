@@ -11,6 +11,11 @@ what runs there:
   per batch) and only then sends the replies;
 * :func:`validate_name` — the master's check of document names taken from URLs.
 
+A document whose storage cannot be opened (see
+:class:`~examples.collab.journal.JournalUnavailableError`) is not served: its child stays
+up and closes every client that joins with :data:`CLOSE_DOCUMENT_UNAVAILABLE`, once,
+which the page does not reconnect on.
+
 The wire format (lib0 encoding) of a y-websocket message::
 
     varuint message type
@@ -27,6 +32,7 @@ An awareness update is ``varuint count`` followed by ``count`` entries of
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -35,12 +41,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, Protocol
 
+import attrs
 import trio
-from pycrdt import Awareness, Doc, Text, TransactionEvent
+from pycrdt import Awareness, Doc, Text, TransactionEvent, get_state, get_update, merge_updates
 
-from .journal import Journal, JournalError
+from .journal import Journal, JournalError, JournalUnavailableError, StorageStatistics
 
 __all__ = [
+    "CLOSE_DOCUMENT_UNAVAILABLE",
     "CLOSE_UNSUPPORTED_DATA",
     "MAX_NAME_BYTES",
     "MAX_NAME_CHARS",
@@ -52,6 +60,7 @@ __all__ = [
     "UnknownClientError",
     "run_document",
     "serve_document",
+    "storage_statistics",
     "validate_name",
 ]
 
@@ -72,6 +81,11 @@ EMPTY_UPDATE = b"\x00\x00"
 
 #: WebSocket close code for a client that sent something other than y-websocket messages.
 CLOSE_UNSUPPORTED_DATA = 1003
+#: WebSocket close code for every client of a document whose storage cannot be opened
+#: (unreadable, or damaged with nothing valid left). In 4400-4499, so that the page shows
+#: it and does not reconnect.
+CLOSE_DOCUMENT_UNAVAILABLE = 4422
+REASON_UNAVAILABLE = "document cannot be opened: its storage is damaged or unreadable"
 #: A WebSocket close reason is at most 123 bytes of UTF-8.
 MAX_CLOSE_REASON_BYTES = 123
 
@@ -334,13 +348,18 @@ class DocumentKernel:
         self._name = name
         self._doc: Doc[Text] = Doc()
         self._text = self._doc.get("text", type=Text)
+        self._rejected: list[tuple[int, str]] = []
         for index, update in enumerate(journal.recovered):
             try:
                 self._doc.apply_update(update)
             except Exception as exc:
-                raise RuntimeError(
-                    f"document {name!r}: stored update #{index} cannot be applied"
-                ) from exc
+                self._rejected.append((index, str(exc) or type(exc).__name__))
+        # After damage, some stored updates may wait for a lost predecessor (Yjs keeps
+        # them pending, and a client that still has it can supply it). pycrdt leaves
+        # pending updates out of get_update(), so they are kept here for full_state().
+        self._waiting: list[bytes] = []
+        if journal.damaged or self._rejected:
+            self._waiting = _unintegrated(journal.recovered, self._doc.get_state())
         self._awareness = Awareness(self._doc)
         # The server is not a participant: it publishes no awareness state of its own.
         self._awareness.set_local_state(None)
@@ -386,9 +405,27 @@ class DocumentKernel:
         """A copy of the current awareness states, by awareness client id."""
         return dict(self._awareness.states)
 
+    @property
+    def rejected(self) -> tuple[tuple[int, str], ...]:
+        """The stored updates that could not be applied when the kernel was built, as
+        (index in :attr:`Journal.recovered`, error) pairs."""
+        return tuple(self._rejected)
+
+    @property
+    def waiting(self) -> int:
+        """How many stored updates wait for a predecessor that was lost (as of the last
+        :meth:`full_state`)."""
+        return len(self._waiting)
+
     def full_state(self) -> bytes:
-        """The whole document as one update (for :meth:`Journal.compact`)."""
-        return self._doc.get_update()
+        """The whole document as one update (for :meth:`Journal.compact`), including
+        stored updates still waiting for a lost predecessor."""
+        update = self._doc.get_update()
+        if self._waiting:
+            self._waiting = _unintegrated(self._waiting, self._doc.get_state())
+            if self._waiting:
+                update = merge_updates(update, *self._waiting)
+        return update
 
     def text(self) -> str:
         """The shared text's current content."""
@@ -567,6 +604,22 @@ def _unique(values: Iterable[int]) -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def _unintegrated(updates: Iterable[bytes], state_vector: bytes) -> list[bytes]:
+    """The updates with items that a document at *state_vector* does not have."""
+    waiting = []
+    for update in updates:
+        try:
+            missing = get_update(update, state_vector)
+        except Exception:
+            continue  # not a valid update (rejected when applied)
+        if get_state(missing) != _EMPTY_STATE_VECTOR:
+            waiting.append(update)
+    return waiting
+
+
+_EMPTY_STATE_VECTOR = b"\x00"
+
+
 # -- the child process ------------------------------------------------------------------------
 
 #: The most messages taken from the master for one group commit.
@@ -641,17 +694,116 @@ def _receive_batch_nowait(parent: ParentChannel, batch: list[object]) -> None:
             return
 
 
+@attrs.define
+class _Served:
+    """The storage of the document this process serves (one per document child)."""
+
+    journal: Journal | None = None
+    statistics: StorageStatistics | None = None
+
+
+_served = _Served()
+
+
+def storage_statistics() -> StorageStatistics | None:
+    """What the storage of the document served by this process found damaged, skipped
+    and quarantined; ``None`` before a document was opened.
+
+    Meant to be run in a document child by the master or an operator:
+    ``await ctx.call(storage_statistics)``.
+    """
+    if _served.journal is not None:
+        return _served.journal.statistics
+    return _served.statistics
+
+
+def _check_old_snapshot(update: bytes) -> None:
+    Doc().apply_update(update)
+
+
+async def _open_journal(name: str, data_dir: Path) -> Journal | None:
+    """The document's journal, or ``None`` if its storage cannot be opened (logged)."""
+    open_journal = functools.partial(Journal.open, data_dir, name, check_old=_check_old_snapshot)
+    try:
+        journal = await trio.to_thread.run_sync(open_journal)
+    except JournalUnavailableError as exc:
+        _served.journal, _served.statistics = None, exc.statistics
+        return None
+    _served.journal = journal
+    return journal
+
+
+async def _load_kernel(name: str, journal: Journal) -> DocumentKernel | None:
+    """Build the kernel from the journal and repair the storage if it needs it; ``None``
+    if nothing stored can be applied although something is stored (logged)."""
+    kernel = DocumentKernel(name, journal)
+    try:
+        for index, reason in kernel.rejected:
+            await trio.to_thread.run_sync(journal.reject, index, reason)
+    except OSError:
+        # The rejected update's file could not be kept: do not let compaction rotate it away.
+        logger.exception("document %r: keeping a copy of a rejected update failed", name)
+        return None
+    if kernel.rejected and len(kernel.rejected) == len(journal.recovered):
+        logger.error(
+            "document %r: none of its %d stored updates can be applied", name, len(kernel.rejected)
+        )
+        return None
+    if journal.needs_compaction:
+        try:
+            await trio.to_thread.run_sync(journal.compact, kernel.full_state())
+        except (OSError, JournalError):
+            # The files are clean already; shutdown tries again.
+            logger.exception("document %r: writing a repaired snapshot failed", name)
+    return kernel
+
+
+async def _refuse_clients(parent: ParentChannel, name: str) -> None:
+    """Close every client that joins with :data:`CLOSE_DOCUMENT_UNAVAILABLE`, until the
+    channel ends or this is cancelled."""
+    logger.error(
+        "document %r cannot be opened; its clients are closed with %d",
+        name,
+        CLOSE_DOCUMENT_UNAVAILABLE,
+    )
+    while True:
+        try:
+            message = await parent.receive()
+        except trio.EndOfChannel:
+            return
+        match message:
+            case ("join", int() as client_id):
+                await parent.send(
+                    ("kick", client_id, CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
+                )
+            case _:
+                pass  # its messages and its leaving need nothing
+
+
 async def run_document(parent: ParentChannel, name: str, data_dir: str | Path) -> None:
     """Serve document *name* to the master over *parent* until cancelled or the
     channel ends; see :func:`serve_document`."""
-    journal = await trio.to_thread.run_sync(Journal.open, Path(data_dir), name)
-    kernel: DocumentKernel | None = None
+    journal = await _open_journal(name, Path(data_dir))
+    if journal is None:
+        await _refuse_clients(parent, name)
+        return
+    try:
+        kernel = await _load_kernel(name, journal)
+    except BaseException:
+        journal.close()
+        raise
+    if kernel is None:
+        journal.close()
+        await _refuse_clients(parent, name)
+        return
+    await _serve(parent, kernel, journal)
+
+
+async def _serve(parent: ParentChannel, kernel: DocumentKernel, journal: Journal) -> None:
     # False while the document may be out of step with the journal (between applying a
     # batch and its fsync) or after an unexpected error; then the state is not saved.
-    consistent = False
+    consistent = True
     try:
-        kernel = DocumentKernel(name, journal)
-        consistent = True
         while True:
             try:
                 first = await parent.receive()
@@ -678,14 +830,13 @@ async def run_document(parent: ParentChannel, name: str, data_dir: str | Path) -
             try:
                 if (
                     consistent
-                    and kernel is not None
                     and not journal.failed
-                    and journal.record_count > 0
+                    and (journal.record_count > 0 or journal.needs_compaction)
                 ):
                     await trio.to_thread.run_sync(journal.compact, kernel.full_state())
             except (OSError, JournalError):
                 # Everything is still in the log; the next start replays it.
-                logger.exception("%s: compaction on shutdown failed", name)
+                logger.exception("%s: compaction on shutdown failed", kernel.name)
             finally:
                 journal.close()
 
@@ -701,6 +852,9 @@ async def serve_document(name: str, data_dir: str) -> None:
     Messages already queued are handled as one batch: the document updates they cause
     are appended to the journal with a single fsync, and only then are the replies
     sent. On cancellation (shutdown) the journal is compacted into a fresh snapshot.
+
+    If the document's storage cannot be opened, every ``("join", client_id)`` is
+    answered with ``("kick", client_id, CLOSE_DOCUMENT_UNAVAILABLE, reason)``.
     """
     import nursery_procs
 

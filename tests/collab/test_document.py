@@ -33,6 +33,7 @@ from examples.collab.document import (
     validate_name,
 )
 from examples.collab.journal import Journal
+from examples.collab.storage_format import JOURNAL_HEADER
 
 # -- a tiny in-memory deployment ------------------------------------------------------------
 
@@ -289,11 +290,17 @@ def test_torn_tail_loses_only_the_unfinished_update(tmp_path: Path) -> None:
         assert DocumentKernel("notes", journal).text() == "safe"
 
 
-def test_unreadable_stored_update_is_an_error(tmp_path: Path) -> None:
+def test_unreadable_stored_update_is_skipped_and_reported(tmp_path: Path) -> None:
+    hub = Hub(tmp_path)
+    a = hub.connect(1)
+    hub.send(1, a.edit(append("kept")))
+    hub.journal.append([b"not an update"])
+    hub.close()
     with Journal.open(tmp_path, "notes") as journal:
-        journal.append([b"not an update"])
-    with Journal.open(tmp_path, "notes") as journal, pytest.raises(RuntimeError):
-        DocumentKernel("notes", journal)
+        kernel = DocumentKernel("notes", journal)
+        assert kernel.text() == "kept"
+        [(index, _reason)] = kernel.rejected
+        assert journal.recovered[index] == b"not an update"
 
 
 # -- invalid input ----------------------------------------------------------------------------
@@ -532,7 +539,7 @@ async def test_run_document_round_trip(tmp_path: Path) -> None:
 
     # Shutdown compacted the journal into a snapshot.
     assert (tmp_path / "notes.snapshot").exists()
-    assert (tmp_path / "notes.journal").stat().st_size == 0
+    assert (tmp_path / "notes.journal").read_bytes() == JOURNAL_HEADER  # no records
     with Journal.open(tmp_path, "notes") as journal:
         assert DocumentKernel("notes", journal).text() == "hello"
 
