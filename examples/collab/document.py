@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, NoReturn, Protocol
 
 import attrs
 import trio
-from pycrdt import Awareness, Doc, Text, TransactionEvent, get_state, get_update, merge_updates
+from pycrdt import Awareness, Doc, Text, TransactionEvent, get_update, merge_updates
 
 from .journal import Journal, JournalError, JournalUnavailableError, StorageStatistics
 
@@ -357,9 +357,8 @@ class DocumentKernel:
         # After damage, some stored updates may wait for a lost predecessor (Yjs keeps
         # them pending, and a client that still has it can supply it). pycrdt leaves
         # pending updates out of get_update(), so they are kept here for full_state().
-        self._waiting: list[bytes] = []
-        if journal.damaged or self._rejected:
-            self._waiting = _unintegrated(journal.recovered, self._doc.get_state())
+        # (Finding them costs a fraction of applying the updates.)
+        self._waiting = _unintegrated(journal.recovered, self._doc.get_state())
         self._awareness = Awareness(self._doc)
         # The server is not a participant: it publishes no awareness state of its own.
         self._awareness.set_local_state(None)
@@ -612,12 +611,10 @@ def _unintegrated(updates: Iterable[bytes], state_vector: bytes) -> list[bytes]:
             missing = get_update(update, state_vector)
         except Exception:
             continue  # not a valid update (rejected when applied)
-        if get_state(missing) != _EMPTY_STATE_VECTOR:
+        # An update starts with the number of clients it has items of.
+        if missing[:1] != b"\x00":
             waiting.append(update)
     return waiting
-
-
-_EMPTY_STATE_VECTOR = b"\x00"
 
 
 # -- the child process ------------------------------------------------------------------------

@@ -435,7 +435,7 @@ class _Recovery:
                 self.corrupt = True
             logger.error(
                 "document %r: %s: %d damaged bytes at offset %d skipped (%s); "
-                "%d valid records kept, the original file is kept in %s",
+                "%d valid records kept, a copy of the file is kept in %s",
                 self.paths.name,
                 self.paths.file(kind).name,
                 part.length,
@@ -454,7 +454,7 @@ class _Recovery:
             self.damaged = self.corrupt = True
             self.counts.snapshots_rejected += 1
             logger.error(
-                "document %r: %s is damaged (%s); it is moved to %s",
+                "document %r: %s is damaged (%s); a copy is kept in %s",
                 self.paths.name,
                 self.paths.file(kind).name,
                 parsed.problem,

@@ -11,6 +11,9 @@ import pytest
 import trio
 from _cdp import DEFAULT_CHROMIUM, Page, open_browser
 
+from examples.collab.document import CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE
+from examples.collab.storage_format import SNAPSHOT_MAGIC
+
 from .test_server import running, ws_url
 from .yclient import connect
 
@@ -107,5 +110,46 @@ async def test_page_recovers_when_the_document_process_dies(tmp_path: Path) -> N
                     lambda: reader.content() == "written before the crash and after it"
                 )
             assert server.documents()["phoenix"].pid != victim.pid
+            assert page.console_errors == []
+            await page.close()
+
+
+async def test_unopenable_document_stops_the_page_with_a_notice(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "wreck.snapshot").write_bytes(SNAPSHOT_MAGIC + os.urandom(64))
+    (data / "wreck.journal").write_bytes(os.urandom(200).replace(b"\x1eYJR", b""))
+    async with running(tmp_path, spare=1, linger=60) as server, open_browser() as browser:
+        with trio.fail_after(60):
+            page = await browser.new_page(f"{server.url}/d/wreck")
+            await page.wait_for("window.collab !== undefined")
+            await page.wait_for("collab.stopped()")
+            close = await page.evaluate("collab.lastClose()")
+            assert close == {"code": CLOSE_DOCUMENT_UNAVAILABLE, "reason": REASON_UNAVAILABLE}
+            # The provider will not reconnect by itself (its timer checks shouldConnect),
+            # the user is told why, and the editor takes no typing.
+            assert await page.evaluate("collab.provider.shouldConnect") is False
+            assert await page.evaluate("collab.provider.wsUnsuccessfulReconnects") == 1
+            notice = await page.evaluate("collab.notice()")
+            assert "cannot be opened" in notice
+            assert (
+                await page.evaluate("getComputedStyle(document.getElementById('notice')).display")
+                != "none"
+            )
+            assert await page.evaluate("collab.editable()") is False
+            assert (
+                await page.evaluate(
+                    "document.querySelector('.cm-content').getAttribute('contenteditable')"
+                )
+                == "false"
+            )
+            await page.wait_for("!document.getElementById('reconnect').hidden")
+
+            # Reconnect asks once more, and is refused the same way.
+            await page.evaluate("document.getElementById('reconnect').click()")
+            await page.wait_for("collab.provider.wsUnsuccessfulReconnects === 2")
+            await page.wait_for("collab.stopped()")
+            assert (await page.evaluate("collab.lastClose()"))["code"] == CLOSE_DOCUMENT_UNAVAILABLE
+            assert await page.evaluate("collab.provider.shouldConnect") is False
             assert page.console_errors == []
             await page.close()

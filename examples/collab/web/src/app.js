@@ -4,7 +4,7 @@
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import { yCollab, yUndoManagerKeymap } from 'y-codemirror.next'
-import { EditorState } from '@codemirror/state'
+import { Compartment, EditorState } from '@codemirror/state'
 import {
   EditorView,
   drawSelection,
@@ -31,6 +31,20 @@ const COLORS = [
   '#e8590c', '#d6336c', '#ae3ec9', '#7048e8', '#4263eb', '#1c7ed6',
   '#0c8599', '#099268', '#2f9e44', '#66a80f', '#f08c00', '#c2255c'
 ]
+
+// After a close code in 4400–4499 the provider stops (no reconnecting): these say why.
+const STOPPED_BECAUSE = {
+  4400: 'This document name cannot be used. Open another one above.',
+  4422: 'This document cannot be opened: the server cannot read what it has stored. ' +
+    'The problem is in the server log for its operator. Editing is off until it is fixed.'
+}
+
+function stopMessage (close) {
+  if (!close) return 'The server closed the connection and asked not to retry.'
+  const known = STOPPED_BECAUSE[close.code]
+  if (known) return known
+  return `The server closed the connection (${close.code}${close.reason ? ': ' + close.reason : ''}) and asked not to retry.`
+}
 
 const pick = (list) => list[Math.floor(Math.random() * list.length)]
 
@@ -132,6 +146,22 @@ function main () {
   const statusText = byId('status-text')
   const closeText = byId('status-close')
   const reconnectButton = byId('reconnect')
+  const notice = byId('notice')
+  // Whether typing is allowed: not while the server refuses the document.
+  const editable = new Compartment()
+  const editing = (on) => [
+    EditorState.readOnly.of(!on),
+    EditorView.editable.of(on),
+    on ? placeholder('Start typing — everyone here sees it live.') : []
+  ]
+  let view = null
+
+  function setStopped (value) {
+    stopped = value
+    notice.textContent = stopped ? stopMessage(lastClose) : ''
+    notice.hidden = !stopped
+    if (view) view.dispatch({ effects: editable.reconfigure(editing(!stopped)) })
+  }
 
   function renderStatus () {
     statusBox.dataset.state = state
@@ -150,7 +180,7 @@ function main () {
 
   provider.on('status', ({ status }) => {
     state = status
-    if (status !== 'disconnected') stopped = false
+    if (status !== 'disconnected' && stopped) setStopped(false)
     renderStatus()
   })
   provider.on('connection-close', (event) => {
@@ -161,12 +191,12 @@ function main () {
   })
   provider.on('closed', () => {
     // a 44xx close: the provider will not retry until told to
-    stopped = true
+    setStopped(true)
     renderStatus()
   })
   provider.on('sync', renderStatus)
   reconnectButton.addEventListener('click', () => {
-    stopped = false
+    setStopped(false)
     provider.connect()
     renderStatus()
   })
@@ -235,7 +265,7 @@ function main () {
 
   // ---- editor -----------------------------------------------------------------------
   const undoManager = new Y.UndoManager(ytext)
-  const view = new EditorView({
+  view = new EditorView({
     parent: byId('editor'),
     state: EditorState.create({
       doc: ytext.toString(),
@@ -246,9 +276,9 @@ function main () {
         drawSelection(),
         highlightActiveLine(),
         EditorView.lineWrapping,
-        placeholder('Start typing — everyone here sees it live.'),
         keymap.of([...yUndoManagerKeymap, ...defaultKeymap]),
-        yCollab(ytext, awareness, { undoManager })
+        yCollab(ytext, awareness, { undoManager }),
+        editable.of(editing(!stopped))
       ]
     })
   })
@@ -270,6 +300,9 @@ function main () {
     remove: (index, length) => ydoc.transact(() => ytext.delete(index, length)),
     state: () => state,
     lastClose: () => (lastClose ? { ...lastClose } : null),
+    stopped: () => stopped,
+    notice: () => (notice.hidden ? null : notice.textContent),
+    editable: () => !view.state.readOnly,
     synced: () => provider.synced,
     peers: () => otherUsers().map((user) => user.name),
     userName: () => identity.name,
