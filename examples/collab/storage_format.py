@@ -39,9 +39,9 @@ truncated file) or a checksum mismatch (a flipped byte) rejects the whole file.
 
 **Format 1**, written by earlier versions, had no file header and no magic: a journal
 was a sequence of ``length (4) | crc32 (4) | update`` records, and a snapshot was the
-bare update. It is still read (a format-1 journal cannot be resynchronised after a
-damaged record: the reader stops there) and converted to format 2 when the document
-is opened.
+bare update. It is still read and converted to format 2 when the document is opened. After a damaged
+format-1 record, having no magic to look for, the reader tries every following offset
+for a record whose checksum matches.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ _RECORD_CHECKED = 12  # bytes covered by the header crc
 _SNAPSHOT = struct.Struct(">QI")  # length, crc
 _SNAPSHOT_HEADER_SIZE = len(SNAPSHOT_MAGIC) + _SNAPSHOT.size
 _V1_RECORD = struct.Struct(">II")  # length, crc
+# Bytes checksummed per byte of file while looking for format-1 records after damage.
+_V1_SCAN_BUDGET = 64
 # Enough of the magic to tell a damaged format-2 snapshot from a format-1 one.
 _SNAPSHOT_FAMILY = SNAPSHOT_MAGIC[:7]
 
@@ -235,25 +237,64 @@ def _scan_v2(image: bytes, start: int) -> tuple[list[bytes], list[Damage]]:
     return records, damage
 
 
+def _v1_record_at(image: bytes, offset: int) -> bytes | None:
+    if len(image) - offset < _V1_RECORD.size:
+        return None
+    length, crc = _V1_RECORD.unpack_from(image, offset)
+    start = offset + _V1_RECORD.size
+    if length == 0 or length > len(image) - start:
+        return None
+    update = image[start : start + length]
+    return update if zlib.crc32(update) == crc else None
+
+
+def _next_v1_record(image: bytes, offset: int, budget: list[int]) -> int | None:
+    """The first offset from *offset* on where a format-1 record passes its checksum.
+
+    Format 1 has no magic to look for, so every offset is a candidate; *budget* bounds
+    the bytes checksummed (a list, so that one budget serves a whole file)."""
+    last = len(image) - _V1_RECORD.size
+    while offset <= last:
+        length, crc = _V1_RECORD.unpack_from(image, offset)
+        start = offset + _V1_RECORD.size
+        if 0 < length <= len(image) - start:
+            budget[0] -= length
+            if budget[0] < 0:
+                return None
+            if zlib.crc32(image[start : start + length]) == crc:
+                return offset
+        offset += 1
+    return None
+
+
+def _is_torn_v1(tail: bytes) -> bool:
+    if len(tail) < _V1_RECORD.size or not tail.strip(b"\x00"):
+        return True
+    length, _crc = _V1_RECORD.unpack_from(tail)
+    return bool(length > len(tail) - _V1_RECORD.size)
+
+
 def _parse_v1(image: bytes) -> tuple[list[bytes], list[Damage]]:
-    """The old format: records until the first bad one (it has no way to resynchronise)."""
+    """The old format. It has no magic, so after a damaged record the reader tries every
+    following offset for a record whose checksum matches (within a work budget)."""
     records: list[bytes] = []
+    damage: list[Damage] = []
+    budget = [_V1_SCAN_BUDGET * len(image)]
     offset = 0
     end = len(image)
     while offset < end:
-        rest = end - offset
-        if rest < _V1_RECORD.size:
-            return records, [Damage(offset, rest, torn=True)]
-        length, crc = _V1_RECORD.unpack_from(image, offset)
-        start = offset + _V1_RECORD.size
-        if length > end - start:
-            return records, [Damage(offset, rest, torn=True)]
-        update = image[start : start + length]
-        if length == 0 or zlib.crc32(update) != crc:
-            return records, [Damage(offset, rest, torn=not image[offset:].strip(b"\x00"))]
-        records.append(update)
-        offset = start + length
-    return records, []
+        update = _v1_record_at(image, offset)
+        if update is not None:
+            records.append(update)
+            offset += _V1_RECORD.size + len(update)
+            continue
+        following = _next_v1_record(image, offset + 1, budget)
+        if following is None:
+            damage.append(Damage(offset, end - offset, torn=_is_torn_v1(image[offset:])))
+            break
+        damage.append(Damage(offset, following - offset, torn=False))
+        offset = following
+    return records, damage
 
 
 def parse_journal(image: bytes) -> JournalImage:

@@ -453,15 +453,47 @@ def test_old_format_damaged_tail(tmp_path: Path, tail: bytes, torn: bool) -> Non
     assert list(quarantined(tmp_path).values()) == [old]
 
 
-def test_old_format_damage_in_the_middle_keeps_the_original(tmp_path: Path) -> None:
-    # Format 1 cannot resynchronise: what follows the damage is not read, but the
-    # original stays in quarantine for the operator.
+def test_old_format_damage_in_the_middle_loses_that_record_only(tmp_path: Path) -> None:
+    # Format 1 has no magic: after the damaged record the reader tries every offset.
     old = bytearray(b"".join(v1_record(u) for u in UPDATES))
     old[len(v1_record(UPDATES[0])) + 9] ^= 0x10
     (tmp_path / "doc.journal").write_bytes(bytes(old))
     with Journal.open(tmp_path, "doc") as journal:
-        assert journal.recovered == (UPDATES[0],)
+        assert journal.recovered == (UPDATES[0], UPDATES[2])
+        assert journal.statistics.damaged_stretches == 1
     assert list(quarantined(tmp_path).values()) == [bytes(old)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    updates=st.lists(st.binary(min_size=1, max_size=40), min_size=2, max_size=6),
+    data=st.data(),
+)
+def test_old_format_any_flipped_byte_loses_at_most_the_record_it_hits(
+    updates: list[bytes], data: st.DataObject
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        tmp_path = Path(directory)
+        image = bytearray(b"".join(v1_record(u) for u in updates))
+        position = data.draw(st.integers(0, len(image) - 1), label="position")
+        image[position] ^= data.draw(st.integers(1, 255), label="xor")
+        (tmp_path / "doc.journal").write_bytes(bytes(image))
+        starts = [0]
+        for update in updates:
+            starts.append(starts[-1] + len(v1_record(update)))
+        expected = [u for i, u in enumerate(updates) if not starts[i] <= position < starts[i + 1]]
+        with Journal.open(tmp_path, "doc") as journal:
+            assert list(journal.recovered) == expected
+        assert list(quarantined(tmp_path).values()) == [bytes(image)]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_old_format_flipped_length(tmp_path: Path, which: int) -> None:
+    old = bytearray(b"".join(v1_record(u) for u in UPDATES))
+    old[sum(len(v1_record(u)) for u in UPDATES[:which]) + 1] ^= 0x04
+    (tmp_path / "doc.journal").write_bytes(bytes(old))
+    with Journal.open(tmp_path, "doc") as journal:
+        assert journal.recovered == tuple(u for i, u in enumerate(UPDATES) if i != which)
 
 
 # -- what cannot be opened ----------------------------------------------------------------------
