@@ -52,6 +52,7 @@ __all__ = [
     "CLOSE_UNSUPPORTED_DATA",
     "MAX_NAME_BYTES",
     "MAX_NAME_CHARS",
+    "REASON_UNAVAILABLE",
     "DocumentKernel",
     "Outgoing",
     "ParentChannel",
