@@ -27,6 +27,7 @@ from ._errors import PoolEmpty as PoolEmpty
 from ._errors import RemoteError as RemoteError
 from ._errors import SupervisorError as SupervisorError
 from ._errors import WireError as WireError
+from ._forward import Forwarded as Forwarded
 from ._forward import forward as forward
 from ._lifecycle import State as State
 from ._link import Link as Link
