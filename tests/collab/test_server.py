@@ -19,7 +19,7 @@ import trio
 import trio_websocket
 from pycrdt import Doc, create_update_message
 
-from examples.collab.server import (
+from examples.collab.clients import (
     CLOSE_DOCUMENT_DIED,
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_NAME,
@@ -30,10 +30,8 @@ from examples.collab.server import (
     REASON_TEXT,
     REASON_TOO_MANY,
     REASON_TOO_MANY_HERE,
-    CollabServer,
-    Settings,
-    serve,
 )
+from examples.collab.server import CollabServer, Settings, serve
 from nursery_procs._groups import unwrap_sole_exception
 
 from .yclient import YClient, connect, open_socket, tokens
