@@ -187,7 +187,7 @@ async def test_websocket_source_closed_by_the_peer() -> None:
             assert drain(collected) == [b"one", "two"]
             assert result.gone == "source"
             assert isinstance(result.reason, trio_websocket.ConnectionClosed)
-            assert result.reason.reason.code == 4000
+            assert result.reason.reason is not None and result.reason.reason.code == 4000
 
 
 async def test_websocket_sink_closed_by_the_peer() -> None:

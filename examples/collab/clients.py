@@ -119,7 +119,7 @@ class Client:
     peer: str
     queue_size: int
     name: str | None = None
-    #: Counted against its document's limit (see :meth:`Clients.admit`).
+    #: Counted against its document's limit (see :class:`Clients`).
     admitted: bool = False
     close_code: int | None = None
     close_reason: str = ""
@@ -187,16 +187,14 @@ class Client:
         client has gone."""
         await nursery_procs.forward(self._queued, WebSocketEnd(self.ws))
 
-    async def close_websocket(self, close_timeout: float, *, abort: bool = False) -> None:
-        """Send the close frame (unless the client closed first, or *abort*) and wait
-        for the answer, shielded, for at most *close_timeout* seconds."""
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + close_timeout):
-            if abort:
-                return
-            if self.closed_by_peer or self.close_code is None:
+    async def close_websocket(self, close_timeout: float) -> None:
+        """Send the close frame (unless the client closed first) and wait at most
+        *close_timeout* seconds for the client's answer."""
+        with trio.move_on_after(close_timeout):
+            if self.closed_by_peer:  # trio-websocket has answered the client's close
                 await self.ws.aclose()
             else:
-                await self.ws.aclose(self.close_code, self.close_reason or None)
+                await self.ws.aclose(self.close_code or CLOSE_NORMAL, self.close_reason or None)
 
     def log_disconnect(self) -> None:
         if self.admitted:
@@ -207,7 +205,7 @@ class Client:
 
 
 #: What moves a client's messages while it stays: ``edit(client, document_name)``.
-Editor = Callable[["Client", str], Awaitable[None]]
+Editor = Callable[[Client, str], Awaitable[None]]
 
 
 @attrs.define(eq=False)
@@ -231,18 +229,14 @@ class Clients:
     ) -> None:
         """Serve one client of ``/doc/<segment>``: admit it, send it what is queued for
         it, and run ``edit(client, name)`` while it stays; then close it."""
-        aborted = False
         with self._connected(ws, peer) as client:
-            try:
-                name = self._admit(client, segment)
-                aborted = await self._run(client, name, edit)
-            finally:
-                await client.close_websocket(self.settings.close_timeout, abort=aborted)
-        client.log_disconnect()
+            name = self._admit(client, segment)
+            if await self._run(client, name, edit):
+                await client.close_websocket(self.settings.close_timeout)
 
     async def _run(self, client: Client, name: str | None, edit: Editor) -> bool:
-        """Whether the client's last messages could not be flushed in time (then it is
-        dropped without a close frame)."""
+        """Whether the client's queue was flushed in time for a close frame (if not, it
+        is dropped without one)."""
         async with trio.open_nursery() as tasks:
             tasks.start_soon(client.write)
             if name is not None:
@@ -250,7 +244,7 @@ class Clients:
                     await edit(client, name)
             client.request_close(CLOSE_NORMAL, "")  # the writer ends once it has flushed
             tasks.cancel_scope.deadline = trio.current_time() + self.settings.close_timeout
-        return tasks.cancel_scope.cancelled_caught
+        return not tasks.cancel_scope.cancelled_caught
 
     def stop(self) -> None:
         """Close every client with 1001, and refuse new ones."""
@@ -273,6 +267,7 @@ class Clients:
                 if not self._per_document[client.name]:
                     del self._per_document[client.name]
             self.on_change()
+            client.log_disconnect()
 
     def _admit(self, client: Client, segment: str) -> str | None:
         """The name of the document *client* asked for, if it may have it; otherwise

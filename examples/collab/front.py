@@ -346,20 +346,19 @@ async def _send_simple(
     await _send_response(stream, conn, status, body, content_type, close=close, extra=extra)
 
 
-async def _close_gracefully(
-    stream: trio.abc.HalfCloseableStream, linger: float, *, shield: bool = False
-) -> None:
+async def _close_gracefully(stream: trio.abc.HalfCloseableStream, linger: float) -> None:
     """Send FIN, read (and drop) what the client still sends until it closes too, then
     close: closing with unread input would reset the connection, and the client could
-    lose what was sent last. Gives up after *linger* seconds."""
-    with trio.CancelScope(shield=shield, deadline=trio.current_time() + linger):
-        try:
+    lose what was sent last. Gives up after *linger* seconds, or when cancelled."""
+    try:
+        with trio.move_on_after(linger):
             await stream.send_eof()
             while await stream.receive_some(RECEIVE_SIZE):
                 pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-    await trio.aclose_forcefully(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 # -- WebSocket connections ----------------------------------------------------------------------
@@ -376,7 +375,8 @@ async def serve_websocket(
 
     trio-websocket does not close the TCP connection itself after some closes (a 1009,
     message too big): then it is closed here, after a FIN and a bounded wait for the
-    client to read the close frame, shielded so that a cancelled client still gets it.
+    client to read the close frame. Cancelled (a stop's deadline has passed), the
+    connection is dropped at once.
     """
     replay = ReplayStream(stream, upgrade.raw)
     try:
@@ -394,6 +394,8 @@ async def serve_websocket(
             if ws is not None:
                 await handler(ws)
             ws_tasks.cancel_scope.cancel()
-    finally:
-        if not replay.closed:
-            await _close_gracefully(replay, settings.close_timeout, shield=True)
+    except BaseException:
+        await trio.aclose_forcefully(replay)
+        raise
+    if not replay.closed:
+        await _close_gracefully(replay, settings.close_timeout)

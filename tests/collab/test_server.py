@@ -4,15 +4,9 @@ clients made of pycrdt documents (see :mod:`yclient`)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 import trio
@@ -21,59 +15,21 @@ from pycrdt import Doc, create_update_message
 
 from examples.collab.clients import (
     CLOSE_DOCUMENT_DIED,
-    CLOSE_GOING_AWAY,
     CLOSE_INVALID_NAME,
+    CLOSE_SERVICE_RESTART,
     CLOSE_TRY_AGAIN,
     REASON_BUSY,
     REASON_DIED,
-    REASON_SHUTDOWN,
+    REASON_STOPPED,
     REASON_TEXT,
     REASON_TOO_MANY,
     REASON_TOO_MANY_HERE,
 )
-from examples.collab.server import CollabServer, Settings, serve
-from nursery_procs._groups import unwrap_sole_exception
 
+from .servers import TIMEOUT, check_works, closed_with, running, ws_url
 from .yclient import YClient, connect, open_socket, tokens
 
-REPO = Path(__file__).resolve().parents[2]
-TIMEOUT = 30
-
-
-@asynccontextmanager
-async def running(tmp_path: Path, **options: Any) -> AsyncIterator[CollabServer]:
-    """An in-process server on a free port; stopped gracefully when the block ends."""
-    options.setdefault("spare", 1)
-    options.setdefault("linger", 0.2)
-    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", **options)
-    with unwrap_sole_exception():
-        async with trio.open_nursery() as nursery:
-            server: CollabServer = await nursery.start(serve, settings)
-            try:
-                yield server
-            finally:
-                server.stop()
-
-
-def ws_url(server: CollabServer | int, name: str, *, raw: bool = False) -> str:
-    port = server if isinstance(server, int) else server.port
-    return f"ws://127.0.0.1:{port}/doc/{name if raw else quote(name, safe='')}"
-
-
-async def check_works(server: CollabServer, name: str = "probe") -> None:
-    """A client can still open *name*, edit it, and a second client sees the edit."""
-    token = f"<probe:{server.client_count}{len(name)}>"
-    async with connect(ws_url(server, name)) as one:
-        await one.synced.wait()
-        await one.append(token)
-        async with connect(ws_url(server, name)) as two:
-            await two.wait_until(lambda: token in two.content())
-            assert not one.closed.is_set()
-
-
-async def closed_with(client: YClient) -> tuple[int | None, str | None]:
-    await client.closed.wait()
-    return client.close_code, client.close_reason
+__all__ = ["running", "ws_url"]  # test_browser imports them from here
 
 
 # -- editing and isolation ---------------------------------------------------------------------
@@ -211,84 +167,25 @@ async def test_sigkilled_document_child(tmp_path: Path) -> None:
                     assert observer.content() == a2.content() == b2.content()
 
 
-# -- graceful stop, as a separate process ---------------------------------------------------------
-
-
-@asynccontextmanager
-async def server_process(tmp_path: Path, *args: str) -> AsyncIterator[tuple[trio.Process, int]]:
-    """``python -m examples.collab`` on a free port; yields the process and the port."""
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "examples.collab",
-            "--port",
-            "0",
-            "--spare",
-            "1",
-            "--linger",
-            "0.2",
-            "--data-dir",
-            str(tmp_path / "data"),
-            *args,
-        ],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    lines: list[str] = []
-    try:
-        assert process.stderr is not None
-        buffer = b""
-        port = None
+async def test_document_child_stopped_under_its_clients(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
         with trio.fail_after(TIMEOUT):
-            while port is None:
-                chunk = await process.stderr.receive_some()
-                if not chunk:
-                    raise AssertionError("the server exited:\n" + buffer.decode())
-                buffer += chunk
-                match = re.search(rb"serving on http://127\.0\.0\.1:(\d+)/", buffer)
-                if match:
-                    port = int(match.group(1))
-        with unwrap_sole_exception():
-            async with trio.open_nursery() as nursery:
-
-                async def drain() -> None:
-                    assert process.stderr is not None
-                    while chunk := await process.stderr.receive_some():
-                        lines.extend(chunk.decode(errors="replace").splitlines())
-
-                nursery.start_soon(drain)
-                yield process, port
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            assert process.stderr is not None
-            await process.stderr.aclose()
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_graceful_stop(tmp_path: Path, signum: signal.Signals) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with server_process(tmp_path) as (process, port):
-            url = ws_url(port, "stay")
-            async with connect(url) as one, connect(url) as two, connect(ws_url(port, "x")) as x:
-                for client in (one, two, x):
-                    await client.synced.wait()
+            url = ws_url(server, "stopped")
+            async with connect(url) as one, connect(url) as two:
+                await one.synced.wait()
+                await two.synced.wait()
                 await one.append("<one:0>")
                 await two.wait_until(lambda: "<one:0>" in two.content())
-                process.send_signal(signum)
-                for client in (one, two, x):
-                    assert await closed_with(client) == (CLOSE_GOING_AWAY, REASON_SHUTDOWN)
-                assert await process.wait() == 0
-
-        # Saved on the way out: a new server has it.
-        async with running(tmp_path) as server, connect(ws_url(server, "stay")) as again:
-            await again.synced.wait()
-            assert again.content() == "<one:0>"
+                ctx = server.documents()["stopped"]
+                await ctx.aclose()  # as the control socket would
+                for client in (one, two):
+                    assert await closed_with(client) == (CLOSE_SERVICE_RESTART, REASON_STOPPED)
+            assert ctx.returncode == 0
+            # It saved the document on its way out; the next client gets a fresh child.
+            async with connect(url) as again:
+                await again.synced.wait()
+                assert again.content() == "<one:0>"
+                assert server.documents()["stopped"].pid != ctx.pid
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -445,81 +342,3 @@ async def test_slow_client_does_not_stall_others(tmp_path: Path) -> None:
                         await sleeper.get_message()
                 assert closed.value.reason is not None
                 assert closed.value.reason.code in (CLOSE_TRY_AGAIN, 1006)
-
-
-# -- plain HTTP -----------------------------------------------------------------------------------
-
-
-async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        await stream.send_all(request.encode())
-        data = b""
-        while chunk := await stream.receive_some():
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
-
-
-async def test_http(tmp_path: Path) -> None:
-    static = REPO / "examples" / "collab" / "static"
-    async with running(tmp_path) as server:
-        with trio.fail_after(TIMEOUT):
-            for path in ("/", "/d/notes", "/d/team%2Fnotes?user=Ann"):
-                status, headers, body = await http_get(server.port, path)
-                assert status == 200
-                assert headers["content-type"] == "text/html; charset=utf-8"
-                assert body == (static / "index.html").read_bytes()
-            status, headers, body = await http_get(server.port, "/static/app.js")
-            assert (status, headers["content-type"]) == (200, "text/javascript; charset=utf-8")
-            assert body == (static / "app.js").read_bytes()
-            status, headers, body = await http_get(server.port, "/static/style.css")
-            assert (status, headers["content-type"]) == (200, "text/css; charset=utf-8")
-            status, headers, body = await http_get(server.port, "/", method="HEAD")
-            assert status == 200 and body == b""
-            assert int(headers["content-length"]) == len((static / "index.html").read_bytes())
-
-            for path in (
-                "/nope",
-                "/static/",
-                "/static/../server.py",
-                "/static/%2e%2e/server.py",
-                "/static/..%2Fserver.py",
-                "/../examples/collab/server.py",
-                "/d/",
-            ):
-                status, _, body = await http_get(server.port, path)
-                assert status == 404, path
-                assert b"import" not in body
-            status, headers, _ = await http_get(server.port, "/", method="POST")
-            assert status == 405 and "GET" in headers["allow"]
-            status, _, _ = await http_get(server.port, "/doc/notes")
-            assert status == 426
-
-            # Keep-alive: two requests on one connection.
-            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            async with stream:
-                one = b"GET /static/style.css HTTP/1.1\r\nHost: x\r\n\r\n"
-                two = b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                await stream.send_all(one + two)
-                data = b""
-                while chunk := await stream.receive_some():
-                    data += chunk
-                assert data.startswith(b"HTTP/1.1 200 ")
-                assert b"HTTP/1.1 404 " in data
-
-            # Garbage instead of HTTP.
-            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            async with stream:
-                await stream.send_all(b"\x16\x03\x01 not http at all\r\n\r\n")
-                data = b""
-                while chunk := await stream.receive_some():
-                    data += chunk
-                assert data.startswith(b"HTTP/1.1 400 ")
-            await check_works(server)
