@@ -252,8 +252,8 @@ class CollabServer:
         self.port = listeners[0].socket.getsockname()[1]
         log.info("serving on %s/ (documents in %s; pid %d)", self.url, self._data_dir, os.getpid())
         task_status.started(self)
-        edit = functools.partial(self.clients.serve, edit=self._edit)
-        await self._front.serve(listeners, edit, on_stop=self.clients.stop)
+        serve_client = functools.partial(self.clients.serve, edit=self._edit)
+        await self._front.serve(listeners, serve_client, on_stop=self.clients.stop)
 
     # -- the pool-session pattern --------------------------------------------------------------
 
