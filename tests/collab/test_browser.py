@@ -14,7 +14,7 @@ from _cdp import DEFAULT_CHROMIUM, Page, open_browser
 from examples.collab.document import CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE
 from examples.collab.storage_format import SNAPSHOT_MAGIC
 
-from .test_server import running, ws_url
+from .servers import running, ws_url
 from .yclient import connect
 
 pytestmark = [

@@ -21,7 +21,7 @@ from examples.collab.document import (
 from examples.collab.server import CollabServer
 from examples.collab.storage_format import SNAPSHOT_MAGIC
 
-from .test_server import TIMEOUT, check_works, closed_with, running, ws_url
+from .servers import TIMEOUT, check_works, closed_with, running, ws_url
 from .yclient import connect, tokens
 
 
