@@ -33,7 +33,7 @@ async def take_latency(rounds: int) -> dict[str, float]:
     colds: list[float] = []
     async with (
         nursery_procs.open_supervisor() as sup,
-        sup.open_pool(None, name="bench", spare=2, max=8) as pool,
+        nursery_procs.open_pool(sup, None, name="bench", spare=2, max=8) as pool,
     ):
         with trio.fail_after(120):
             await pool.wait_idle()
@@ -90,7 +90,7 @@ async def burst(count: int, rounds: int) -> dict[str, float]:
     async with nursery_procs.open_supervisor() as sup:
         for _ in range(rounds):
             cold.append(await _hold_all(count, lambda: sup.open_child(None, name="cold")))
-            async with sup.open_pool(None, name="burst", spare=4, max=count) as pool:
+            async with nursery_procs.open_pool(sup, None, name="burst", spare=4, max=count) as pool:
                 with trio.fail_after(120):
                     await pool.wait_idle()
                 pooled.append(await _hold_all(count, pool.take))
