@@ -34,6 +34,7 @@ from ._link import Link as Link
 from ._link import accept_link as accept_link
 from ._link import connect_link as connect_link
 from ._pool import Pool as Pool
+from ._pool import PoolSettings as PoolSettings
 from ._pool import PoolStatistics as PoolStatistics
 from ._pool import open_pool as open_pool
 from ._process import DEBUG_SLEEP_ENV as DEBUG_SLEEP_ENV

@@ -61,6 +61,8 @@ class FakeProcess:
     #: ``(signal number, trio.current_time())`` for every signal sent.
     signals: list[tuple[int, float]] = attrs.field(factory=list)
     lifetime: float = 0.0
+    #: ``trio.current_time()`` when the spawner made this process.
+    spawned_at: float = attrs.field(factory=trio.current_time)
     stdout: None = None
     stderr: None = None
     exited: trio.Event = attrs.field(factory=trio.Event)
@@ -109,6 +111,7 @@ def fake_spawner(
     processes: list[FakeProcess] | None = None,
     lifetime: float = 0.0,
     answers: FakeAnswers | None = None,
+    boot_delay: float = 0.0,
 ) -> Spawner:
     """A ``spawner`` for :func:`open_supervisor` that starts fake children in *nursery*.
 
@@ -116,11 +119,15 @@ def fake_spawner(
     *lifetime* is how long a ``CRASH_AFTER_READY`` or ``EXIT_AFTER_READY`` child
     lives after READY. *answers* says how the children answer calls and requests
     (in this Trio run, so on its clock); a cancelled call cancels its answer.
+    *boot_delay* is how long each spawn takes before the child exists, as a real
+    interpreter's start-up and imports do.
     """
 
     async def spawn(*, debug_sleep: float | None = None) -> Spawned:
-        ours, theirs = trio.testing.memory_stream_pair()
         process = FakeProcess(behaviour, lifetime=lifetime)
+        if boot_delay:
+            await trio.sleep(boot_delay)
+        ours, theirs = trio.testing.memory_stream_pair()
         if processes is not None:
             processes.append(process)
         nursery.start_soon(_run_fake_child, theirs, process, answers or FakeAnswers())
@@ -226,6 +233,7 @@ async def open_fake_supervisor(
     behaviour: FakeBehaviour = FakeBehaviour.OBEY,
     *,
     lifetime: float = 0.0,
+    boot_delay: float = 0.0,
     call: CallAnswer | None = None,
     request: RequestAnswer | None = None,
     **options: Any,
@@ -236,7 +244,8 @@ async def open_fake_supervisor(
     (``call(fn, args)``) and ``ctx.request(obj)`` (``request(obj)``); either may
     be async, and runs on the test's clock, so a test can check its own timeouts
     and cancellations. Exceptions they raise reach the caller as from a real
-    child. *options* go to :func:`open_supervisor` (``policy``, ``max_restarts``, ...).
+    child. *lifetime* and *boot_delay* are those of :func:`fake_spawner`.
+    *options* go to :func:`open_supervisor` (``policy``, ``max_restarts``, ...).
     Meant for ``autojump_clock`` tests of timing policy. An exception from the
     block (or from the supervisor) propagates as itself.
     """
@@ -261,6 +270,7 @@ async def open_fake_supervisor(
                     processes,
                     lifetime=lifetime,
                     answers=FakeAnswers(call=call, request=request),
+                    boot_delay=boot_delay,
                 )
                 async with open_supervisor(spawner=spawner, **options) as supervisor:
                     yield supervisor, processes
