@@ -36,7 +36,9 @@ from ._link import connect_link as connect_link
 from ._pool import Pool as Pool
 from ._pool import PoolSettings as PoolSettings
 from ._pool import PoolStatistics as PoolStatistics
+from ._pool import WorkerPool as WorkerPool
 from ._pool import open_pool as open_pool
+from ._pool import open_worker_pool as open_worker_pool
 from ._process import DEBUG_SLEEP_ENV as DEBUG_SLEEP_ENV
 from ._process import Policy as Policy
 from ._process import describe_exit as describe_exit

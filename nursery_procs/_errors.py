@@ -153,8 +153,12 @@ class SupervisorError(NurseryProcsError):
     """The supervisor gave up, for example after too many restarts."""
 
 
-class PoolClosed(NurseryProcsError):
-    """The pool is closed (or closed while the caller was waiting for a child)."""
+class PoolClosed(NurseryProcsError, trio.ClosedResourceError):
+    """The pool is closed (or closed while the caller was waiting for a child).
+
+    It is a :exc:`trio.ClosedResourceError` too, as Trio raises for any resource
+    used after it was closed.
+    """
 
 
 class PoolEmpty(NurseryProcsError):

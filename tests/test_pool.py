@@ -15,50 +15,35 @@ import trio.testing
 
 import nursery_procs
 from nursery_procs import ContextDied, Policy, Pool, PoolClosed, PoolEmpty, State, open_pool
-from nursery_procs._process import Spawned
-from nursery_procs.testing import FakeBehaviour, FakeProcess, fake_spawner
+from nursery_procs.testing import FakeBehaviour, FakeProcess, open_fake_supervisor
 
 FAKE_POLICY = Policy(grace_period=5, kill_after=3, ready_timeout=10)
 
 
-class Spawns:
-    """Records fake spawns; its behaviour can be switched between spawns."""
-
-    def __init__(self, nursery: trio.Nursery, behaviour: FakeBehaviour, delay: float) -> None:
-        self.nursery = nursery
-        self.behaviour = behaviour
-        self.delay = delay
-        self.times: list[float] = []
-        self.processes: list[FakeProcess] = []
-
-    async def __call__(self, *, debug_sleep: float | None = None) -> Spawned:
-        self.times.append(trio.current_time())
-        if self.delay:
-            await trio.sleep(self.delay)
-        spawner = fake_spawner(self.nursery, self.behaviour, self.processes)
-        return await spawner(debug_sleep=debug_sleep)
-
-
 @asynccontextmanager
 async def fake_pool(
-    behaviour: FakeBehaviour = FakeBehaviour.OBEY, *, boot_delay: float = 0.0, **options: Any
-) -> AsyncIterator[tuple[Pool, Spawns]]:
-    """A pool of fake children (for a fake clock); *boot_delay* slows every spawn.
+    behaviour: FakeBehaviour = FakeBehaviour.OBEY,
+    *,
+    boot_delay: float = 0.0,
+    lifetime: float = 0.0,
+    **options: Any,
+) -> AsyncIterator[tuple[Pool, list[FakeProcess]]]:
+    """A pool of fake children (for a fake clock), and the list of their processes.
 
-    An exception from the block (or from opening the pool) propagates as itself.
+    *boot_delay* slows every spawn; an exception from the block (or from opening
+    the pool) propagates as itself.
     """
-    try:
-        async with trio.open_nursery() as fakes:
-            spawns = Spawns(fakes, behaviour, boot_delay)
-            async with (
-                nursery_procs.open_supervisor(spawner=spawns, policy=FAKE_POLICY) as sup,
-                open_pool(sup, None, **options) as pool,
-            ):
-                yield pool, spawns
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) != 1:
-            raise
-        raise group.exceptions[0] from None
+    async with (
+        open_fake_supervisor(
+            behaviour, boot_delay=boot_delay, lifetime=lifetime, policy=FAKE_POLICY
+        ) as (sup, processes),
+        open_pool(sup, None, **options) as pool,
+    ):
+        yield pool, processes
+
+
+def spawn_times(processes: list[FakeProcess], since: float) -> list[float]:
+    return [process.spawned_at - since for process in processes]
 
 
 async def settle() -> None:
@@ -129,10 +114,10 @@ async def test_no_idle_timeout_keeps_extras(autojump_clock: trio.abc.Clock) -> N
 
 
 async def test_boot_failures_back_off_exponentially(autojump_clock: trio.abc.Clock) -> None:
-    async with fake_pool(FakeBehaviour.CRASH_ON_BOOT, spare=2, max=4) as (pool, spawns):
+    async with fake_pool(FakeBehaviour.CRASH_ON_BOOT, spare=2, max=4) as (pool, processes):
         t0 = trio.current_time()
         await trio.sleep(3.2)
-        times = [t - t0 for t in spawns.times]
+        times = spawn_times(processes, t0)
         # Both spare slots try at once; after that, one attempt at a time.
         assert times == pytest.approx([0, 0, 0.1, 0.3, 0.7, 1.5, 3.1])
         stats = pool.statistics()
@@ -140,39 +125,42 @@ async def test_boot_failures_back_off_exponentially(autojump_clock: trio.abc.Clo
         assert (stats.total_spawned, stats.idle, stats.starting) == (0, 0, 0)
 
 
-async def test_backoff_is_capped_and_reset_by_a_success(autojump_clock: trio.abc.Clock) -> None:
+async def test_backoff_is_capped(autojump_clock: trio.abc.Clock) -> None:
     options = {"spare": 1, "max": 2, "backoff_initial": 0.1, "backoff_max": 0.4}
-    async with fake_pool(FakeBehaviour.CRASH_ON_BOOT, **options) as (pool, spawns):
+    async with fake_pool(FakeBehaviour.CRASH_ON_BOOT, **options) as (pool, processes):
         t0 = trio.current_time()
         await trio.sleep(1.2)
-        assert [t - t0 for t in spawns.times] == pytest.approx([0, 0.1, 0.3, 0.7, 1.1])
-        spawns.behaviour = FakeBehaviour.OBEY
-        with trio.fail_after(1):
-            await pool.wait_idle(1)
-        assert trio.current_time() == pytest.approx(t0 + 1.5)
-        assert pool.statistics().total_spawned == 1
-        # The success reset the backoff: an idle death is replaced after 0.1 s.
-        spawns.processes[-1].kill()
-        died = trio.current_time()
-        await settle()
-        assert pool.statistics().idle_deaths == 1
-        await pool.wait_idle(1)
-        assert spawns.times[-1] - died == pytest.approx(0.1)
+        assert spawn_times(processes, t0) == pytest.approx([0, 0.1, 0.3, 0.7, 1.1])
+        assert pool.statistics().total_spawned == 0
+
+
+async def test_backoff_is_reset_by_a_success(autojump_clock: trio.abc.Clock) -> None:
+    # Each child starts fine, then dies after 1 s: an idle death, so a failure.
+    # Every start succeeds, so every delay is backoff_initial again (without the
+    # reset: 0.1, 0.2, 0.4).
+    async with fake_pool(
+        FakeBehaviour.CRASH_AFTER_READY, lifetime=1, spare=1, backoff_initial=0.1
+    ) as (pool, processes):
+        t0 = trio.current_time()
+        await trio.sleep(3.4)
+        assert spawn_times(processes, t0) == pytest.approx([0, 1.1, 2.2, 3.3])
+        stats = pool.statistics()
+        assert (stats.total_spawned, stats.idle_deaths, stats.spawn_failures) == (4, 3, 0)
 
 
 async def test_hung_boot_counts_as_a_failure(autojump_clock: trio.abc.Clock) -> None:
-    async with fake_pool(FakeBehaviour.HANG_ON_BOOT, spare=1) as (pool, spawns):
+    async with fake_pool(FakeBehaviour.HANG_ON_BOOT, spare=1) as (pool, processes):
         t0 = trio.current_time()
         await trio.sleep(10.15)
-        assert [t - t0 for t in spawns.times] == pytest.approx([0, 10.1])
+        assert spawn_times(processes, t0) == pytest.approx([0, 10.1])
         assert pool.statistics().spawn_failures == 1
 
 
 async def test_idle_child_death_is_replaced(autojump_clock: trio.abc.Clock) -> None:
-    async with fake_pool(spare=2) as (pool, spawns):
+    async with fake_pool(spare=2) as (pool, processes):
         await pool.wait_idle()
         victim = pool.idle_children[0]
-        process = next(p for p in spawns.processes if p.pid == victim.pid)
+        process = next(p for p in processes if p.pid == victim.pid)
         process.kill()
         await victim.wait_exited()
         await pool.wait_idle()
@@ -339,12 +327,12 @@ async def test_waiters_get_pool_closed_when_the_pool_closes(
             errors.append(exc)
 
     async with trio.open_nursery() as outer:
-        async with fake_pool(FakeBehaviour.HANG_ON_BOOT, spare=1) as (pool, spawns):
+        async with fake_pool(FakeBehaviour.HANG_ON_BOOT, spare=1) as (pool, processes):
             for what in ("take", "doc", "doc"):
                 outer.start_soon(wait_for, pool, what)
             await trio.sleep(1)
             assert pool.statistics().waiting == 2  # one take, one session opener
-        assert all(p.returncode is not None for p in spawns.processes)
+        assert all(p.returncode is not None for p in processes)
     assert len(errors) == 3
 
 
@@ -367,7 +355,7 @@ async def test_take_nowait(autojump_clock: trio.abc.Clock) -> None:
 async def test_pool_exit_closes_every_child(autojump_clock: trio.abc.Clock) -> None:
     taken: list[nursery_procs.Context] = []
     async with trio.open_nursery() as outer:
-        async with fake_pool(spare=2, linger=100) as (pool, spawns):
+        async with fake_pool(spare=2, linger=100) as (pool, processes):
             async with pool.session("doc") as doc:
                 pass  # lingering
             await pool.wait_idle()
@@ -384,7 +372,7 @@ async def test_pool_exit_closes_every_child(autojump_clock: trio.abc.Clock) -> N
         assert trio.current_time() == t0  # closed concurrently, without waiting
         assert doc.has_exited and taken[0].has_exited
         assert doc.returncode == 0 and taken[0].returncode == 0
-        assert all(p.returncode is not None for p in spawns.processes)
+        assert all(p.returncode is not None for p in processes)
 
 
 async def test_exception_from_the_block_propagates_as_itself(
@@ -481,9 +469,9 @@ async def test_session_creator_cancelled_hands_over(autojump_clock: trio.abc.Clo
 
 
 async def test_session_child_death(autojump_clock: trio.abc.Clock) -> None:
-    async with fake_pool(spare=1, linger=10) as (pool, spawns):
+    async with fake_pool(spare=1, linger=10) as (pool, processes):
         async with pool.session("doc") as ctx:
-            process = next(p for p in spawns.processes if p.pid == ctx.pid)
+            process = next(p for p in processes if p.pid == ctx.pid)
             process.kill()
             await ctx.wait_exited()
             with pytest.raises(ContextDied):

@@ -262,15 +262,15 @@ def pools_of(supervisor: Supervisor) -> Mapping[str, Pool]:
     return MappingProxyType(_registry(supervisor))
 
 
-def _unique_name(supervisor: Supervisor, name: str | None) -> str:
+def _unique_name(supervisor: Supervisor, name: str | None, default: str) -> str:
     if name is not None:
         if name in _registry(supervisor):
             raise ValueError(f"name: this supervisor already has a pool named {name!r}")
         return name
-    name, serial = "pool", 1
+    name, serial = default, 1
     while name in _registry(supervisor):
         serial += 1
-        name = f"pool-{serial}"
+        name = f"{default}-{serial}"
     return name
 
 
@@ -283,12 +283,13 @@ async def run_keeper(
     name: str | None,
     settings: PoolSettings,
     policy: Policy | None,
+    default_name: str = "pool",
 ) -> AsyncIterator[tuple[Pool, SlotKeeper]]:
     """Open a pool's nursery and keeper, register it, and close it on the way out."""
     if not isinstance(supervisor, Supervisor):
         raise TypeError(f"supervisor must be a Supervisor, not {supervisor!r}")
     dump_target(target, args)  # fail now, not in every start
-    name = _unique_name(supervisor, name)
+    name = _unique_name(supervisor, name, default_name)
     keeper = SlotKeeper(supervisor, target, args, name=name, settings=settings, policy=policy)
     pool = Pool(keeper)
     _registry(supervisor)[name] = pool

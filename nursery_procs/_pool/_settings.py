@@ -10,7 +10,8 @@ import attrs
 _Validator = Callable[[object, "attrs.Attribute[int]", object], None]
 
 
-def _whole_number(setting: str, value: object, minimum: int) -> None:
+def check_whole_number(setting: str, value: object, minimum: int) -> None:
+    """Raise TypeError or ValueError, naming *setting*, unless *value* is an int >= *minimum*."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{setting} must be an integer, not {value!r}")
     if value < minimum:
@@ -26,7 +27,7 @@ def _seconds(setting: str, value: object) -> None:
 
 def _check_count(minimum: int) -> _Validator:
     def check(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-        _whole_number(attribute.name, value, minimum)
+        check_whole_number(attribute.name, value, minimum)
 
     return check
 
