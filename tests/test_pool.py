@@ -9,12 +9,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
 import nursery_procs
-from nursery_procs import ContextDied, Policy, Pool, PoolClosed, PoolEmpty, State, open_pool
+from nursery_procs import (
+    ContextDied,
+    Policy,
+    Pool,
+    PoolClosed,
+    PoolEmpty,
+    PoolSettings,
+    State,
+    open_pool,
+)
 from nursery_procs.testing import FakeBehaviour, FakeProcess, open_fake_supervisor
 
 FAKE_POLICY = Policy(grace_period=5, kill_after=3, ready_timeout=10)
@@ -578,3 +588,176 @@ async def test_real_close_while_starting() -> None:
         assert pool.statistics().starting == 2
     stats = pool.statistics()
     assert stats.total_spawned == 0
+
+
+# -- settings ------------------------------------------------------------------
+
+
+def test_settings_are_one_frozen_value() -> None:
+    settings = PoolSettings()
+    assert settings == PoolSettings(
+        spare=2, max=32, idle_timeout=None, linger=0.0, backoff_initial=0.1, backoff_max=30.0
+    )
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        settings.spare = 3  # type: ignore[misc]
+    assert PoolSettings(idle_timeout=math.inf).idle_timeout is None
+    assert attrs.evolve(settings, spare=0, max=1) == PoolSettings(spare=0, max=1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "setting"),
+    [
+        ({"spare": "3"}, TypeError, "spare"),
+        ({"spare": True}, TypeError, "spare"),
+        ({"max": 2.0}, TypeError, "max"),
+        ({"idle_timeout": "10"}, TypeError, "idle_timeout"),
+        ({"linger": None}, TypeError, "linger"),
+        ({"backoff_initial": -math.inf}, ValueError, "backoff_initial"),
+        ({"idle_timeout": -math.inf}, ValueError, "idle_timeout"),
+        ({"spare": 40}, ValueError, "spare"),
+    ],
+)
+def test_settings_errors_name_the_setting(
+    changes: dict[str, Any], error: type[Exception], setting: str
+) -> None:
+    with pytest.raises(error, match=f"^{setting}"):
+        attrs.evolve(PoolSettings(), **changes)
+
+
+async def test_resize_evolves_the_settings(autojump_clock: trio.abc.Clock) -> None:
+    async with fake_pool(spare=1, max=4, linger=2) as (pool, _):
+        before = pool.settings
+        after = pool.resize(spare=2, linger=5, backoff_max=60)
+        assert after == attrs.evolve(before, spare=2, linger=5, backoff_max=60)
+        assert pool.settings is after
+        await pool.wait_idle(2)
+        # The control API passes the fields it was given as keywords.
+        fields: dict[str, Any] = {"spare": 1, "idle_timeout": 30}
+        assert pool.resize(**fields) == attrs.evolve(after, spare=1, idle_timeout=30)
+        assert pool.statistics().idle == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "named"),
+    [
+        ({"spare": "2"}, TypeError, "spare"),
+        ({"max": 1.5}, TypeError, "max"),
+        ({"sprae": 2}, TypeError, "sprae"),
+        ({"idle_timeout": math.nan}, ValueError, "idle_timeout"),
+        ({"backoff_initial": 60}, ValueError, "backoff_max"),
+    ],
+)
+async def test_invalid_resize_names_the_field(
+    autojump_clock: trio.abc.Clock, fields: dict[str, Any], error: type[Exception], named: str
+) -> None:
+    async with fake_pool(spare=1, max=4) as (pool, _):
+        await pool.wait_idle()
+        before = pool.settings
+        with pytest.raises(error, match=named):
+            pool.resize(**fields)
+        assert pool.settings is before
+        await settle()
+        assert pool.statistics().idle == 1
+
+
+def test_pool_closed_is_a_closed_resource_error() -> None:
+    assert issubclass(PoolClosed, trio.ClosedResourceError)
+    assert issubclass(PoolClosed, nursery_procs.NurseryProcsError)
+
+
+async def test_open_pool_rejects_what_is_not_a_supervisor() -> None:
+    with pytest.raises(TypeError, match="supervisor"):
+        async with open_pool(None, None):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+
+
+# -- statistics from the slots -------------------------------------------------
+
+
+async def test_statistics_count_every_child_once(autojump_clock: trio.abc.Clock) -> None:
+    async with (
+        open_fake_supervisor(FakeBehaviour.IGNORE_SHUTDOWN, boot_delay=1, policy=FAKE_POLICY) as (
+            sup,
+            _,
+        ),
+        open_pool(sup, None, spare=2, max=6, linger=100) as pool,
+    ):
+
+        def counts() -> tuple[int, int, int, int]:
+            stats = pool.statistics()
+            return (stats.idle, stats.busy, stats.starting, stats.stopping)
+
+        def living() -> int:
+            return sum(not child.has_exited for child in sup.children)
+
+        assert counts() == (0, 0, 2, 0)
+        await pool.wait_idle()
+        assert counts() == (2, 0, 0, 0)
+        release = trio.Event()
+
+        async def hold(*, task_status: trio.TaskStatus[None]) -> None:
+            async with pool.take():
+                task_status.started()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery, pool.session("doc"):
+            await nursery.start(hold)
+            assert counts() == (0, 2, 2, 0)
+            await pool.wait_idle()
+            assert counts() == (2, 2, 0, 0) and living() == 4
+            # The taken child ignores SHUTDOWN: it stops for its grace period (5 s).
+            release.set()
+            await settle()
+            assert counts() == (2, 1, 0, 1)
+            await trio.sleep(5)
+            await settle()
+            assert counts() == (2, 1, 0, 0) and living() == 3
+            assert pool.statistics().sessions == 1
+
+
+# -- sessions never hand out a dead child ----------------------------------------
+
+
+def wait_until_dead_unreaped(pid: int) -> None:
+    """Block (this thread, so no Trio task runs meanwhile) until the kernel says
+    our child *pid* has exited, leaving it for its supervisor to reap."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+async def test_real_session_child_killed_between_two_users() -> None:
+    async with (
+        nursery_procs.open_supervisor() as sup,
+        open_pool(sup, None, spare=1, max=4, linger=30) as pool,
+    ):
+        with trio.fail_after(60):
+            async with pool.session("doc") as first:
+                pid = first.pid
+                assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            wait_until_dead_unreaped(pid)
+            # Nothing in this process has noticed yet: the child still looks ready.
+            assert first.state is State.READY
+            async with pool.session("doc") as second:
+                assert second is not first
+                assert await second.call(os.getpid) == second.pid != pid
+            assert await first.wait_exited() == -signal.SIGKILL
+
+
+async def test_real_session_child_killed_while_held() -> None:
+    async with (
+        nursery_procs.open_supervisor() as sup,
+        open_pool(sup, None, spare=1, max=4, linger=30) as pool,
+    ):
+        with trio.fail_after(60):
+            async with pool.session("doc") as first:
+                pid = first.pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                wait_until_dead_unreaped(pid)
+                async with pool.session("doc") as second:
+                    assert second is not first
+                    assert await second.call(os.getpid) == second.pid
+                with pytest.raises(ContextDied):
+                    await first.call(os.getpid)
+            async with pool.session("doc") as third:
+                assert third is second

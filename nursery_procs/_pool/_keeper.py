@@ -150,6 +150,11 @@ class SlotKeeper:
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
+    @property
+    def policy(self) -> Policy:
+        """The children's policy."""
+        return self._policy or self.supervisor.policy
+
     # -- changing state --------------------------------------------------------
 
     def move(self, slot: Slot, state: SlotState) -> None:

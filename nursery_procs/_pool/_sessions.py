@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from functools import partial
 
 import attrs
 import trio
@@ -57,7 +58,9 @@ class Sessions:
 
     async def join(self, key: Hashable) -> Session:
         """Become a user of *key*'s session, opening it if need be."""
-        await trio.lowlevel.checkpoint()
+        # No schedule point before the check below: the child found alive is the
+        # one handed out.
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             self._keeper.check_open()
             session = self._table.get(key)
@@ -76,6 +79,7 @@ class Sessions:
                 session.linger_scope.cancel()
                 session.linger_scope = None
             if session.slot is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return session
             try:
                 await session.acquired.wait()
@@ -135,17 +139,20 @@ class Sessions:
                 return
 
     def _child_died(self, session: Session) -> None:
+        returncode = session.ctx.returncode
         log.warning(
             "pool %r: the child %s (pid %s) of session %r died: %s",
             self._keeper.name,
             session.ctx.name,
             session.ctx.pid,
             session.key,
-            describe_exit(session.ctx.returncode),
+            "not reaped yet" if returncode is None else describe_exit(returncode),
         )
         self._begin_close(session)
         self._keeper.start_soon(
-            self._finish_close, session, name=f"{self._keeper.name}: end {session.key!r}"
+            partial(self._finish_close, died=True),
+            session,
+            name=f"{self._keeper.name}: end {session.key!r}",
         )
 
     def _begin_close(self, session: Session) -> None:
@@ -155,11 +162,21 @@ class Sessions:
         assert session.slot is not None
         self._keeper.move(session.slot, SlotState.STOPPING)
 
-    async def _finish_close(self, session: Session) -> None:
+    async def _finish_close(self, session: Session, *, died: bool = False) -> None:
         """Shut the session's child down (shielded) and drop the session."""
-        assert session.slot is not None
+        slot = session.slot
+        assert slot is not None and slot.ctx is not None
         try:
-            await self._keeper.stop(session.slot)
+            if died:
+                # Let its supervisor reap it first (bounded, for a child that is
+                # only unreachable), so that its users' calls raise ContextDied,
+                # not "closed by its owner".
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self._keeper.policy.close_deadline),
+                ):
+                    await slot.ctx.wait_exited()
+            await self._keeper.stop(slot)
         finally:
             self._drop(session)
 
