@@ -236,6 +236,12 @@ class SlotKeeper:
             waiter.event.set()
         else:
             self.move(slot, SlotState.IDLE)
+            settings = self.settings
+            if (
+                settings.idle_timeout is not None
+                and self.slots.count(SlotState.IDLE) > settings.spare
+            ):
+                self.kick()  # the idle timeout may be due sooner now
 
     async def stop(self, slot: Slot) -> None:
         """Shut the slot's child down and wait until it is reaped (shielded)."""

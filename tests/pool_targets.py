@@ -1,0 +1,36 @@
+"""Functions that the worker pool tests run in workers (importable by name there)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import trio
+
+
+def connect_and_wait(path: str) -> int:
+    """Tell the test (over its Unix socket) that the call runs, with our pid; return
+    our pid once the test hangs up."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        sock.sendall(b"%d\n" % os.getpid())
+        sock.recv(1)
+    return os.getpid()
+
+
+async def async_getpid() -> int:
+    await trio.lowlevel.checkpoint()
+    return os.getpid()
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def identity(data: bytes) -> bytes:
+    return data
