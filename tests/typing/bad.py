@@ -25,3 +25,19 @@ async def main(ctx: nursery_procs.Context, sup: nursery_procs.Supervisor) -> Non
         pass
     async with nursery_procs.open_pool(sup, None, size=2):  # E: call-arg
         pass
+
+
+async def pools(sup: nursery_procs.Supervisor) -> None:
+    async with nursery_procs.open_pool(None, spare=2):  # E: arg-type
+        pass
+    async with nursery_procs.open_pool(sup, square, "not an int"):  # E: arg-type
+        pass
+    async with nursery_procs.open_worker_pool(sup, limit="4"):  # E: arg-type
+        pass
+    async with nursery_procs.open_worker_pool(sup) as workers:
+        await workers.run(square, "not an int")  # E: arg-type
+        wrong: str = await workers.run(square, 2)  # E: arg-type
+        print(wrong)
+        await workers.run(square, 2, timeout=3)  # E: call-overload
+    async with nursery_procs.open_pool(sup) as pool:
+        pool.resize(spare="2")  # E: arg-type

@@ -30,3 +30,17 @@ async def main(ctx: nursery_procs.Context, sup: nursery_procs.Supervisor) -> Non
     killed: int = await ctx.call(square, 4, kill_on_cancel=True)
     anything = await ctx.call("operator:mul", 6, 7)
     print(squared, greeting, shouted, killed, anything)
+
+
+async def pools(sup: nursery_procs.Supervisor) -> None:
+    async with nursery_procs.open_pool(sup, None, spare=1, max=4) as pool:
+        settings: nursery_procs.PoolSettings = pool.resize(spare=2)
+        print(settings.spare + 1)
+    async with nursery_procs.open_pool(sup, square, 3, name="squares"):
+        pass
+    async with nursery_procs.open_pool(sup, "operator:mul", 6, 7):
+        pass
+    async with nursery_procs.open_worker_pool(sup, limit=2, max_uses=10) as workers:
+        run_squared: int = await workers.run(square, 3)
+        run_greeting: str = await workers.run(greet, "you", kill_on_cancel=True)
+        print(run_squared, run_greeting)
