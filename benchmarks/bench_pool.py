@@ -9,6 +9,9 @@ Run: ``python benchmarks/bench_pool.py`` (``--quick`` for a short run,
 * ``burst``: 50 concurrent ``take()`` calls, each holding its child until all
   50 have one, on a pool with ``spare=4, max=50``; against 50 concurrent cold
   starts.
+* ``run``: the round trip of ``WorkerPool.run`` calling an identity function
+  with 100 bytes in a warm worker, against ``trio_parallel.run_sync`` doing the
+  same, alternately in one process. Target: no slower than trio-parallel.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio_parallel
 
 import nursery_procs
 
@@ -105,12 +109,50 @@ async def burst(count: int, rounds: int) -> dict[str, float]:
     }
 
 
+def identity(data: bytes) -> bytes:
+    return data
+
+
+async def run_round_trip(rounds: int) -> dict[str, float]:
+    """Median ``WorkerPool.run`` and ``trio_parallel.run_sync`` of a 100-byte
+    identity call, each with a warm worker, measured alternately."""
+    payload = b"x" * 100
+    ours: list[float] = []
+    theirs: list[float] = []
+    async with (
+        nursery_procs.open_supervisor() as sup,
+        nursery_procs.open_worker_pool(sup, limit=1, name="bench-run") as workers,
+        trio_parallel.open_worker_context() as context,
+    ):
+        with trio.fail_after(120):
+            assert await workers.run(identity, payload) == payload  # start the workers
+            assert await context.run_sync(identity, payload) == payload
+        for _ in range(rounds):
+            t = time.perf_counter()
+            await workers.run(identity, payload)
+            ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await context.run_sync(identity, payload)
+            theirs.append(time.perf_counter() - t)
+        assert workers.statistics().total_spawned == 1
+    ours_median = statistics.median(ours)
+    theirs_median = statistics.median(theirs)
+    return {
+        "rounds": rounds,
+        "run_median_us": ours_median * 1e6,
+        "trio_parallel_median_us": theirs_median * 1e6,
+        "ratio": ours_median / theirs_median,
+    }
+
+
 async def main(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     results["take_with_spare_ready"] = await take_latency(rounds=10 if quick else 40)
     print("take() with a spare ready:", results["take_with_spare_ready"], flush=True)
     results["burst_50"] = await burst(50, rounds=1 if quick else 3)
     print("burst of 50 takes (spare=4, max=50):", results["burst_50"], flush=True)
+    results["run_100_bytes"] = await run_round_trip(rounds=500 if quick else 5000)
+    print("run() of a 100-byte identity vs trio-parallel:", results["run_100_bytes"], flush=True)
     return results
 
 

@@ -113,6 +113,8 @@ class SlotKeeper:
         self._counters = _Counters()
         self._number = 0
         self._wake = trio.Event()
+        #: When the maintenance task looks again unless kicked.
+        self._sleeping_until = -math.inf
         self._changed = trio.Event()
 
     # -- reading ---------------------------------------------------------------
@@ -179,37 +181,49 @@ class SlotKeeper:
 
     # -- handing out and taking back -------------------------------------------
 
-    async def acquire(self, *, wait: bool, newest: bool = False) -> Slot:
-        """Hand out a ready child (its slot now TAKEN), waiting for one if *wait*.
-
-        *newest*: prefer the most recently returned idle child (warm workers)
-        over the one idle the longest.
-        """
+    async def acquire(self, *, wait: bool) -> Slot:
+        """Hand out the child idle the longest (its slot now TAKEN), waiting for
+        one if *wait*."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        self.check_open()
-        asked_at = trio.current_time()
-        slot = self._pop_idle(newest)
-        if slot is None:
-            if not wait:
-                raise PoolEmpty(f"pool {self.name!r} has no idle child")
-            slot = await self._wait_for_child()
-        else:
+        slot = self.take_idle()
+        if slot is not None:
             await trio.lowlevel.cancel_shielded_checkpoint()
-        self._counters.takes += 1
-        self._counters.latencies.append(trio.current_time() - asked_at)
-        return slot
+            return slot
+        if not wait:
+            raise PoolEmpty(f"pool {self.name!r} has no idle child")
+        return await self.wait_for_child()
 
-    def _pop_idle(self, newest: bool) -> Slot | None:
-        """Take the next live idle child (now TAKEN); note dead ones on the way."""
+    def take_idle(self, *, newest: bool = False) -> Slot | None:
+        """Hand out a live idle child now (its slot now TAKEN), if there is one.
+
+        *newest*: the one most recently given back (a warm worker), rather than
+        the one idle the longest. Dead ones met on the way are noted.
+        """
+        self.check_open()
         while (slot := self.slots.first(SlotState.IDLE, newest=newest)) is not None:
             if slot.alive:
                 self.move(slot, SlotState.TAKEN)
-                self.kick()  # start its replacement
+                self._taken(asked_at=trio.current_time())
+                if self._demand() > 0:
+                    self.kick()  # start its replacement
                 return slot
             self._idle_died(slot)
         return None
 
-    async def _wait_for_child(self) -> Slot:
+    def _taken(self, asked_at: float) -> None:
+        self._counters.takes += 1
+        self._counters.latencies.append(trio.current_time() - asked_at)
+
+    def _demand(self) -> int:
+        """Children wanted beyond those idle and starting (before max)."""
+        slots = self.slots
+        wanted = self.settings.spare + len(self._waiters)
+        return wanted - slots.count(SlotState.IDLE) - slots.count(SlotState.STARTING)
+
+    async def wait_for_child(self) -> Slot:
+        """Wait for a child started (or given back) for this caller; FIFO."""
+        self.check_open()
+        asked_at = trio.current_time()
         waiter = _Waiter()
         self._waiters.append(waiter)
         self.kick()
@@ -225,6 +239,7 @@ class SlotKeeper:
         if waiter.slot is None or self.closed:
             # The pool's shutdown closes a child handed over at that moment.
             raise PoolClosed(f"pool {self.name!r} closed while waiting for a child")
+        self._taken(asked_at)
         return waiter.slot
 
     def offer(self, slot: Slot) -> None:
@@ -236,12 +251,9 @@ class SlotKeeper:
             waiter.event.set()
         else:
             self.move(slot, SlotState.IDLE)
-            settings = self.settings
-            if (
-                settings.idle_timeout is not None
-                and self.slots.count(SlotState.IDLE) > settings.spare
-            ):
-                self.kick()  # the idle timeout may be due sooner now
+            timeout = self.settings.idle_timeout
+            if timeout is not None and slot.since + timeout < self._sleeping_until:
+                self.kick()  # its idle timeout is due before the maintainer looks again
 
     async def stop(self, slot: Slot) -> None:
         """Shut the slot's child down and wait until it is reaped (shielded)."""
@@ -310,16 +322,16 @@ class SlotKeeper:
                     now = trio.current_time()
                     self._retire_over_max()
                     deadline = min(self._meet_demand(starts, now), self._retire_idle(now))
+                    self._sleeping_until = deadline
                     with trio.move_on_at(deadline):
                         await self._wake.wait()
+                    self._sleeping_until = -math.inf
 
     def _meet_demand(self, starts: trio.Nursery, now: float) -> float:
         """Start the children that spare and waiters need, within max; while
         starts fail, one at a time after the backoff. Returns when to look again."""
-        slots, settings = self.slots, self.settings
-        starting = slots.count(SlotState.STARTING)
-        demand = settings.spare + len(self._waiters) - slots.count(SlotState.IDLE) - starting
-        needed = min(demand, settings.max - len(slots))
+        starting = self.slots.count(SlotState.STARTING)
+        needed = min(self._demand(), self.settings.max - len(self.slots))
         if needed <= 0:
             return math.inf
         if not self._backoff.failing:

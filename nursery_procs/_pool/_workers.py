@@ -117,8 +117,9 @@ class WorkerPool:
         **Error handling:** an exception from *fn* leaves the worker in service;
         a worker that dies is never handed out again.
         """
-        async with self._limiter:
-            slot = await self._keeper.acquire(wait=True, newest=True)
+        async with self._limiter:  # the checkpoints of this call
+            keeper = self._keeper
+            slot = keeper.take_idle(newest=True) or await keeper.wait_for_child()
             try:
                 assert slot.ctx is not None
                 return await slot.ctx.call(fn, *args, kill_on_cancel=kill_on_cancel)
