@@ -12,19 +12,17 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import statistics as _statistics
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import TypeVarTuple
 
 import attrs
 import trio
 
-from .._context import Context
 from .._errors import ChildStartError, PoolClosed, PoolEmpty, WireError
 from .._process import Policy, describe_exit
 from .._spec import Target
 from .._supervisor import Supervisor
-from ._settings import PoolSettings, PoolStatistics
+from ._settings import PoolSettings
 from ._slots import Slot, Slots, SlotState
 
 Ts = TypeVarTuple("Ts")
@@ -69,7 +67,10 @@ class _Backoff:
 
 
 @attrs.define(eq=False)
-class _Counters:
+class Counters:
+    """What happened since the pool opened (the rest of its statistics are read
+    from its slots)."""
+
     total_spawned: int = 0
     spawn_failures: int = 0
     idle_deaths: int = 0
@@ -110,7 +111,7 @@ class SlotKeeper:
         self._maintainer = trio.CancelScope()
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._backoff = _Backoff(settings.backoff_initial)
-        self._counters = _Counters()
+        self.counters = Counters()
         self._number = 0
         self._wake = trio.Event()
         #: When the maintenance task looks again unless kicked.
@@ -119,31 +120,10 @@ class SlotKeeper:
 
     # -- reading ---------------------------------------------------------------
 
-    def statistics(self, sessions: int) -> PoolStatistics:
-        slots, counters, settings = self.slots, self._counters, self.settings
-        latencies = counters.latencies
-        return PoolStatistics(
-            idle=slots.count(SlotState.IDLE),
-            busy=slots.count(SlotState.TAKEN) + slots.count(SlotState.SESSION),
-            starting=slots.count(SlotState.STARTING),
-            stopping=slots.count(SlotState.STOPPING),
-            waiting=len(self._waiters),
-            sessions=sessions,
-            total_spawned=counters.total_spawned,
-            spawn_failures=counters.spawn_failures,
-            idle_deaths=counters.idle_deaths,
-            takes=counters.takes,
-            take_latency_median=_statistics.median(latencies) if latencies else 0.0,
-            spare=settings.spare,
-            max=settings.max,
-            idle_timeout=settings.idle_timeout,
-            retired_after_max_uses=counters.retired_after_max_uses,
-        )
-
-    def idle_contexts(self) -> Iterator[Context]:
-        for slot in self.slots.in_state(SlotState.IDLE):
-            assert slot.ctx is not None
-            yield slot.ctx
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a child."""
+        return len(self._waiters)
 
     def check_open(self) -> None:
         if self.closed:
@@ -211,8 +191,8 @@ class SlotKeeper:
         return None
 
     def _taken(self, asked_at: float) -> None:
-        self._counters.takes += 1
-        self._counters.latencies.append(trio.current_time() - asked_at)
+        self.counters.takes += 1
+        self.counters.latencies.append(trio.current_time() - asked_at)
 
     def _demand(self) -> int:
         """Children wanted beyond those idle and starting (before max)."""
@@ -271,7 +251,7 @@ class SlotKeeper:
         """Shut a child down in the background."""
         log.debug("pool %r: retiring %s (%s)", self.name, slot.name, why)
         if max_uses:
-            self._counters.retired_after_max_uses += 1
+            self.counters.retired_after_max_uses += 1
         self.move(slot, SlotState.STOPPING)
         self.start_soon(self.stop, slot, name=f"{self.name}: retire {slot.name}")
 
@@ -294,7 +274,7 @@ class SlotKeeper:
 
     def _idle_died(self, slot: Slot) -> None:
         assert slot.ctx is not None
-        self._counters.idle_deaths += 1
+        self.counters.idle_deaths += 1
         self.move(slot, SlotState.GONE)
         log.warning(
             "pool %r: idle child %s (pid %s) died: %s; replacing it",
@@ -394,7 +374,7 @@ class SlotKeeper:
             self.kick()
             raise
         slot.ctx = ctx
-        self._counters.total_spawned += 1
+        self.counters.total_spawned += 1
         self._backoff.succeed(self.settings)
         if self.closed:
             self.move(slot, SlotState.STOPPING)
@@ -405,13 +385,13 @@ class SlotKeeper:
         self.kick()
 
     def _start_failed(self, slot: Slot, epoch: int, exc: Exception) -> None:
-        self._counters.spawn_failures += 1
+        self.counters.spawn_failures += 1
         delay = self._backoff.fail(epoch, self.settings)
         log.warning(
             "pool %r: child %s failed to start (%d failures so far); next attempt in %.3g s: %s",
             self.name,
             slot.name,
-            self._counters.spawn_failures,
+            self.counters.spawn_failures,
             delay,
             str(exc).splitlines()[0],
         )

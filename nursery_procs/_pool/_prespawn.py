@@ -9,6 +9,7 @@ between every concurrent user of the same key.
 
 from __future__ import annotations
 
+import statistics
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -75,7 +76,8 @@ class Pool:
     @property
     def idle_children(self) -> tuple[Context, ...]:
         """The idle children, oldest first (the next :meth:`take` gets the first)."""
-        return tuple(self._keeper.idle_contexts())
+        idle = self._keeper.slots.in_state(SlotState.IDLE)
+        return tuple(slot.ctx for slot in idle if slot.ctx is not None)
 
     def sessions(self) -> dict[Hashable, Context]:
         """The live sessions: key → the child they share.
@@ -86,7 +88,26 @@ class Pool:
 
     def statistics(self) -> PoolStatistics:
         """A snapshot of the pool's children, counters and settings."""
-        return self._keeper.statistics(sessions=len(self._sessions.live()))
+        keeper = self._keeper
+        slots, counters, settings = keeper.slots, keeper.counters, keeper.settings
+        latencies = counters.latencies
+        return PoolStatistics(
+            idle=slots.count(SlotState.IDLE),
+            busy=slots.count(SlotState.TAKEN) + slots.count(SlotState.SESSION),
+            starting=slots.count(SlotState.STARTING),
+            stopping=slots.count(SlotState.STOPPING),
+            waiting=keeper.waiting,
+            sessions=len(self._sessions.live()),
+            total_spawned=counters.total_spawned,
+            spawn_failures=counters.spawn_failures,
+            idle_deaths=counters.idle_deaths,
+            takes=counters.takes,
+            take_latency_median=statistics.median(latencies) if latencies else 0.0,
+            spare=settings.spare,
+            max=settings.max,
+            idle_timeout=settings.idle_timeout,
+            retired_after_max_uses=counters.retired_after_max_uses,
+        )
 
     # -- settings --------------------------------------------------------
 
