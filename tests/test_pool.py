@@ -761,3 +761,17 @@ async def test_real_session_child_killed_while_held() -> None:
                     await first.call(os.getpid)
             async with pool.session("doc") as third:
                 assert third is second
+
+
+async def test_real_take_skips_an_idle_child_killed_a_moment_ago() -> None:
+    async with nursery_procs.open_supervisor() as sup, open_pool(sup, None, spare=1, max=4) as pool:
+        with trio.fail_after(60):
+            await pool.wait_idle()
+            (victim,) = pool.idle_children
+            assert victim.pid is not None
+            os.kill(victim.pid, signal.SIGKILL)
+            wait_until_dead_unreaped(victim.pid)
+            async with pool.take() as ctx:
+                assert ctx is not victim
+                assert await ctx.call(os.getpid) == ctx.pid
+            assert pool.statistics().idle_deaths == 1

@@ -50,6 +50,12 @@ class Calls:
         await self.held[index].aclose()
 
 
+def wait_until_dead_unreaped(pid: int) -> None:
+    """Block (this thread, so no Trio task runs meanwhile) until the kernel says
+    our child *pid* has exited, leaving it for its supervisor to reap."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
 async def run_all(workers: WorkerPool, count: int) -> list[int]:
     return [await workers.run(os.getpid) for _ in range(count)]
 
@@ -240,3 +246,11 @@ async def test_cancelled_async_call_keeps_its_worker(autojump_clock: trio.abc.Cl
         stats = workers.statistics()
         assert (stats.idle, stats.busy, stats.total_spawned) == (1, 0, 1)
         assert processes[0].returncode is None
+
+
+async def test_a_worker_killed_between_calls_is_not_used(workers: WorkerPool) -> None:
+    pid = await workers.run(os.getpid)
+    os.kill(pid, signal.SIGKILL)
+    wait_until_dead_unreaped(pid)
+    assert await workers.run(os.getpid) != pid
+    assert workers.statistics().idle_deaths == 1

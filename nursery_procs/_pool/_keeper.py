@@ -273,16 +273,20 @@ class SlotKeeper:
             self.on_exit(slot)
 
     def _idle_died(self, slot: Slot) -> None:
-        assert slot.ctx is not None
+        ctx = slot.ctx
+        assert ctx is not None
         self.counters.idle_deaths += 1
-        self.move(slot, SlotState.GONE)
         log.warning(
             "pool %r: idle child %s (pid %s) died: %s; replacing it",
             self.name,
             slot.name,
-            slot.ctx.pid,
-            describe_exit(slot.ctx.returncode),
+            ctx.pid,
+            "not reaped yet" if ctx.returncode is None else describe_exit(ctx.returncode),
         )
+        if ctx.has_exited:
+            self.move(slot, SlotState.GONE)
+        else:  # dying, or only unreachable: its supervisor finishes it off
+            self.retire(slot, "it stopped running")
         # A child that dies before it is used counts as a failed start: a target
         # that exits at once is restarted with backoff, not in a loop. Deaths
         # during a back-off (several children killed together) count once.

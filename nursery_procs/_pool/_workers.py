@@ -117,7 +117,14 @@ class WorkerPool:
         **Error handling:** an exception from *fn* leaves the worker in service;
         a worker that dies is never handed out again.
         """
-        async with self._limiter:  # the checkpoints of this call
+        # No schedule point between choosing a worker and calling it when a
+        # token is free: the worker found running is the one called.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self._limiter.acquire()
+        try:
             keeper = self._keeper
             slot = keeper.take_idle(newest=True) or await keeper.wait_for_child()
             try:
@@ -125,6 +132,8 @@ class WorkerPool:
                 return await slot.ctx.call(fn, *args, kill_on_cancel=kill_on_cancel)
             finally:
                 self._give_back(slot)
+        finally:
+            self._limiter.release()
 
     def _give_back(self, slot: Slot) -> None:
         slot.uses += 1
