@@ -9,8 +9,12 @@ worker process that is already running:
   (no framing but a 4-byte length, no envelope, no pickling);
 * ``call_sync`` / ``call_async``: :meth:`nursery_procs.Context.call` with a sync
   function (run off the child's event loop) and an async one;
+* ``call_on_loop``: the same with ``in_thread=False`` (on the child's event
+  loop, no thread hop);
 * ``request``: :meth:`~nursery_procs.Context.request`, answered by a sync
   handler in the child;
+* ``worker_pool``: :meth:`nursery_procs.WorkerPool.run`, the worker pool for
+  calls (what the next two do);
 * ``trio_parallel``: ``trio_parallel.run_sync`` (its default worker type);
 * ``anyio``: ``anyio.to_process.run_sync``.
 
@@ -133,14 +137,20 @@ def _peers() -> dict[str, Callable[[], Awaitable[Any]]]:
 
 async def main(quick: bool) -> dict[str, Any]:
     rounds, batch = (5, 100) if quick else (15, 300)
-    async with nursery_procs.open_supervisor() as sup, trio.open_nursery() as nursery:
+    async with (
+        nursery_procs.open_supervisor() as sup,
+        nursery_procs.open_worker_pool(sup, limit=1) as workers,
+        trio.open_nursery() as nursery,
+    ):
         worker = await sup.start_child(None, name="worker")
         server = await sup.start_child(serve_echo, name="server")
         contenders: dict[str, Callable[[], Awaitable[Any]]] = {
             "raw_echo": await _open_raw_echo(nursery),
             "call_sync": lambda: worker.call(echo, PAYLOAD),
+            "call_on_loop": lambda: worker.call(echo, PAYLOAD, in_thread=False),
             "call_async": lambda: worker.call(async_echo, PAYLOAD),
             "request": lambda: server.request(PAYLOAD),
+            "worker_pool": lambda: workers.run(echo, PAYLOAD),
             **_peers(),
         }
         for fn in contenders.values():  # start the peers' workers, warm every path

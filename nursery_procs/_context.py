@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,7 +16,7 @@ from . import _wire
 from ._errors import ContextDied, LinkClosed
 from ._lifecycle import Lifecycle, Lineage, State
 from ._process import Policy
-from ._router import ANY_SOURCE, Router, current_router
+from ._router import ANY_SOURCE, OnCancel, Router, current_router
 from ._wire import Handle
 
 log = logging.getLogger("nursery_procs.context")
@@ -461,16 +462,29 @@ class Context(trio.abc.Channel[Any]):
         fn: Callable[[*Ts], Awaitable[T]],
         *args: *Ts,
         kill_on_cancel: bool = False,
+        in_thread: bool = True,
     ) -> T: ...
 
     @overload
-    async def call(self, fn: Callable[[*Ts], T], *args: *Ts, kill_on_cancel: bool = False) -> T: ...
+    async def call(
+        self,
+        fn: Callable[[*Ts], T],
+        *args: *Ts,
+        kill_on_cancel: bool = False,
+        in_thread: bool = True,
+    ) -> T: ...
 
     @overload
-    async def call(self, fn: str, *args: object, kill_on_cancel: bool = False) -> Any: ...
+    async def call(
+        self, fn: str, *args: object, kill_on_cancel: bool = False, in_thread: bool = True
+    ) -> Any: ...
 
     async def call(
-        self, fn: Callable[[*Ts], Any] | str, *args: *Ts, kill_on_cancel: bool = False
+        self,
+        fn: Callable[[*Ts], Any] | str,
+        *args: *Ts,
+        kill_on_cancel: bool = False,
+        in_thread: bool = True,
     ) -> Any:
         """Run ``fn(*args)`` in the context and return its result.
 
@@ -480,6 +494,12 @@ class Context(trio.abc.Channel[Any]):
         child, so the child goes on serving SHUTDOWN, other calls and
         cancellation while it runs. Calls go down the tree only: a child cannot
         call into its parent.
+
+        With ``in_thread=False`` a sync function runs on the child's event loop
+        instead: no thread hop, so the round trip is shorter, but while it runs
+        the child serves nothing else (no other call, no SHUTDOWN until it
+        returns). That suits a worker that does one call at a time, which is how
+        :meth:`WorkerPool.run <nursery_procs.WorkerPool.run>` calls its workers.
 
         Raises:
             Exception: *fn* raised this; it is re-raised here as its own type, its
@@ -502,23 +522,29 @@ class Context(trio.abc.Channel[Any]):
         ``kill_on_cancel=True``, which kills the child at once (SIGKILL) and
         returns promptly; the child then counts as crashed (a pooled or
         restartable child is replaced). Since such a call is never interrupted
-        but by the kill, its sync function runs on the child's event loop, with
-        no thread hop (the fastest path, as in :mod:`trio_parallel`): while it
-        runs, the child reads nothing else.
+        but by the kill, its sync function runs on the child's event loop, as
+        with ``in_thread=False`` (the fastest path, as in :mod:`trio_parallel`).
         """
         self._check_alive()
         peer = self._peer
         if kill_on_cancel and not isinstance(peer, OwnedChild):
             raise ValueError(f"kill_on_cancel needs a child this process started, not {self!r}")
+        on_loop = kill_on_cancel or not in_thread
+        if kill_on_cancel:
+            on_cancel = OnCancel.ABANDON
+        elif on_loop and not (callable(fn) and inspect.iscoroutinefunction(fn)):
+            on_cancel = OnCancel.WAIT  # a sync function on the child's loop: it cannot ack
+        else:
+            on_cancel = OnCancel.CANCEL
         with self._link_errors():
             try:
                 return await self._router.request(
                     self.id,
                     Handle.CALL,
-                    (fn, args, {}, kill_on_cancel),
+                    (fn, args, {}, on_loop),
                     cancel_timeout=peer.cancel_timeout,
                     on_unacknowledged=peer.unresponsive,
-                    cancel_remotely=not kill_on_cancel,
+                    on_cancel=on_cancel,
                 )
             except trio.Cancelled:
                 if kill_on_cancel:

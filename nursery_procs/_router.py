@@ -9,6 +9,7 @@ cannot be delivered is answered with a *dead* reply so that nobody waits on it.
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import logging
@@ -111,6 +112,17 @@ class _Pending:
     def defer(self) -> None:
         self.deferred = True
         self.noted.set()
+
+
+class OnCancel(enum.Enum):
+    """What a cancelled :meth:`Router.request` does about the work it started."""
+
+    #: Tell the destination to cancel the work, and wait for it to say it did.
+    CANCEL = "cancel"
+    #: Wait for the work to finish (it cannot be interrupted), then raise.
+    WAIT = "wait"
+    #: Return at once: the caller deals with the work (for example kills its process).
+    ABANDON = "abandon"
 
 
 class CancelledRemotely(Exception):
@@ -517,7 +529,7 @@ class Router:
         *,
         cancel_timeout: float = 5.0,
         on_unacknowledged: Callable[[], None] | None = None,
-        cancel_remotely: bool = True,
+        on_cancel: OnCancel = OnCancel.CANCEL,
         data: bool = False,
     ) -> Any:
         """Send *obj* to ``(dst_id, handle)`` and wait for the one reply.
@@ -531,11 +543,14 @@ class Router:
             Exception: the remote handler raised this (rebuilt here), or
                 :class:`RemoteError` where it cannot be rebuilt.
 
-        **Cancellation:** unless *cancel_remotely* is false, the destination is told
-        to cancel the work (CANCEL), and this waits, shielded, for its
-        acknowledgement: at most *cancel_timeout* seconds, after which
-        *on_unacknowledged* is called. Work that cannot be interrupted (a sync
-        function) is waited for, as :func:`trio.to_thread.run_sync` does.
+        **Cancellation:** as *on_cancel* says. With :attr:`OnCancel.CANCEL`, the
+        destination is told to cancel the work (CANCEL), and this waits, shielded,
+        for its acknowledgement: at most *cancel_timeout* seconds, after which
+        *on_unacknowledged* is called; work that cannot be interrupted (a sync
+        function in a thread) is waited for, as :func:`trio.to_thread.run_sync`
+        does. With :attr:`OnCancel.WAIT` this waits, shielded, for the reply (or
+        for the destination to be gone), then raises; with
+        :attr:`OnCancel.ABANDON` it raises at once.
         """
         reply_to = self.new_handle()
         pending = _Pending(dst_id)
@@ -550,10 +565,15 @@ class Router:
             sent = True
             await pending.event.wait()
         except trio.Cancelled:
-            if sent and cancel_remotely and not pending.event.is_set():
+            if not sent or pending.event.is_set():
+                raise
+            if on_cancel is OnCancel.CANCEL:
                 await self._cancel_remote(
                     dst_id, reply_to, pending, cancel_timeout, on_unacknowledged
                 )
+            elif on_cancel is OnCancel.WAIT:
+                with trio.CancelScope(shield=True):
+                    await pending.event.wait()
             raise
         finally:
             del self._pending[reply_to]

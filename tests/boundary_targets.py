@@ -92,3 +92,14 @@ async def host_stubborn_child() -> None:
         await sup.start_child(ignore_cancellation, "stubborn", name=f"{me}.stubborn")
         await nursery_procs.parent().send("ready")
         await trio.sleep_forever()
+
+
+def sleep_on_the_loop(address: str, seconds: float) -> str:
+    """Runs on the child's event loop (``in_thread=False``): say so, then block a while."""
+    import socket
+    import time
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"started", address)
+    time.sleep(seconds)
+    return "slept"

@@ -172,3 +172,25 @@ async def test_cancelling_a_request_cancels_the_handler() -> None:
             nursery.cancel_scope.cancel()
         assert ctx.receive_nowait() == ("r", "cancelled")
         assert await ctx.request("quick") == "quick"
+
+
+async def test_cancelling_a_call_on_the_childs_loop_waits_for_it(tmp_path: Path) -> None:
+    # A sync function on the child's loop cannot acknowledge a cancellation: the
+    # caller waits for it (as for one in a thread), and the child is not taken for
+    # hung although the wait is longer than cancel_timeout.
+    address = str(tmp_path / "started.sock")
+    policy = Policy(cancel_timeout=0.2)
+    async with nursery_procs.open_supervisor(policy=policy) as sup:
+        ctx = await sup.start_child(None)
+        with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as started:
+            await started.bind(address)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    lambda: ctx.call(bt.sleep_on_the_loop, address, 1.0, in_thread=False)
+                )
+                assert await started.recv(16) == b"started"
+                start = trio.current_time()
+                nursery.cancel_scope.cancel()
+        assert trio.current_time() - start > 0.5
+        assert ctx.state is State.READY
+        assert await ctx.call(bt.release) == "released"

@@ -104,6 +104,10 @@ class WorkerPool:
             PoolClosed: the pool is closed, or closed while this was waiting.
             WireError: the function, the arguments or the result cannot be pickled.
 
+        A sync *fn* runs on the worker's event loop (``in_thread=False`` for
+        :meth:`Context.call`): a worker does one call at a time, so it has nothing
+        else to serve meanwhile, and the call saves the hop to a thread.
+
         **Cancellation:** waiting for a worker is safe to cancel. Once the call
         runs, cancelling it behaves as for :meth:`Context.call`: an async *fn* is
         cancelled in the worker, a sync one is waited for, unless
@@ -129,7 +133,9 @@ class WorkerPool:
             slot = keeper.take_idle(newest=True) or await keeper.wait_for_child()
             try:
                 assert slot.ctx is not None
-                return await slot.ctx.call(fn, *args, kill_on_cancel=kill_on_cancel)
+                return await slot.ctx.call(
+                    fn, *args, kill_on_cancel=kill_on_cancel, in_thread=False
+                )
             finally:
                 self._give_back(slot)
         finally:
