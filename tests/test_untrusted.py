@@ -91,3 +91,12 @@ async def test_an_untrusted_childs_own_children_are_untrusted_too() -> None:
         # data (a pickle would be refused there): the tuple it returns is a list.
         reply = await grandchild.request("whoami")
         assert reply == [grandchild.id, "n.0", grandchild.pid]
+
+
+async def test_a_pool_of_untrusted_children() -> None:
+    async with (
+        nursery_procs.open_supervisor() as sup,
+        nursery_procs.open_pool(sup, tt.echo_requests, spare=1, trusted=False) as pool,
+        pool.take() as ctx,
+    ):
+        assert await ctx.request(("a", 1)) == ["a", 1]  # as data: the tuple is a list

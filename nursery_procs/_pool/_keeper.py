@@ -97,6 +97,7 @@ class SlotKeeper:
         name: str,
         settings: PoolSettings,
         policy: Policy | None,
+        trusted: bool | None = None,
     ) -> None:
         self.name = name
         self.supervisor = supervisor
@@ -107,6 +108,7 @@ class SlotKeeper:
         self._target = target
         self._args = args
         self._policy = policy
+        self._trusted = trusted
         self._nursery: trio.Nursery | None = None
         self._maintainer = trio.CancelScope()
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -368,6 +370,7 @@ class SlotKeeper:
                 name=slot.name,
                 policy=self._policy,
                 raise_on_crash=False,
+                trusted=self._trusted,
             )
         except (ChildStartError, WireError, OSError) as exc:
             self.move(slot, SlotState.GONE)

@@ -304,6 +304,7 @@ async def run_keeper(
     name: str | None,
     settings: PoolSettings,
     policy: Policy | None,
+    trusted: bool | None = None,
     default_name: str = "pool",
 ) -> AsyncIterator[tuple[Pool, SlotKeeper]]:
     """Open a pool's nursery and keeper, register it, and close it on the way out."""
@@ -311,7 +312,9 @@ async def run_keeper(
         raise TypeError(f"supervisor must be a Supervisor, not {supervisor!r}")
     dump_target(target, args)  # fail now, not in every start
     name = _unique_name(supervisor, name, default_name)
-    keeper = SlotKeeper(supervisor, target, args, name=name, settings=settings, policy=policy)
+    keeper = SlotKeeper(
+        supervisor, target, args, name=name, settings=settings, policy=policy, trusted=trusted
+    )
     pool = Pool(keeper)
     _registry(supervisor)[name] = pool
     try:
@@ -341,6 +344,7 @@ def open_pool(
     backoff_initial: float = 0.1,
     backoff_max: float = 30.0,
     policy: Policy | None = None,
+    trusted: bool | None = None,
 ) -> AbstractAsyncContextManager[Pool]:
     """Open a pool of prespawned children of *supervisor*, running ``target(*args)``.
 
@@ -363,6 +367,8 @@ def open_pool(
             after each further failure, reset by a successful start.
         backoff_max: the longest delay between attempts.
         policy: the children's :class:`Policy` (default: the supervisor's).
+        trusted: ``False`` for children whose messages must never be unpickled
+            (see :meth:`Supervisor.start_child`; default: the supervisor's).
 
     The settings make one :class:`PoolSettings`, validated as a whole.
 
@@ -397,7 +403,9 @@ def open_pool(
         backoff_initial=backoff_initial,
         backoff_max=backoff_max,
     )
-    return _open_pool(supervisor, target, args, name=name, settings=settings, policy=policy)
+    return _open_pool(
+        supervisor, target, args, name=name, settings=settings, policy=policy, trusted=trusted
+    )
 
 
 @asynccontextmanager
@@ -409,8 +417,9 @@ async def _open_pool(
     name: str | None,
     settings: PoolSettings,
     policy: Policy | None,
+    trusted: bool | None,
 ) -> AsyncIterator[Pool]:
     async with run_keeper(
-        supervisor, target, args, name=name, settings=settings, policy=policy
+        supervisor, target, args, name=name, settings=settings, policy=policy, trusted=trusted
     ) as (pool, _):
         yield pool
