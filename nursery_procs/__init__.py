@@ -17,6 +17,7 @@ from ._errors import ChildStartError as ChildStartError
 from ._errors import ContextDied as ContextDied
 from ._errors import ContextError as ContextError
 from ._errors import ControlSocketBusy as ControlSocketBusy
+from ._errors import ForkServerError as ForkServerError
 from ._errors import HandshakeError as HandshakeError
 from ._errors import LinkClosed as LinkClosed
 from ._errors import MainModuleError as MainModuleError
@@ -40,6 +41,7 @@ from ._pool import WorkerPool as WorkerPool
 from ._pool import open_pool as open_pool
 from ._pool import open_worker_pool as open_worker_pool
 from ._process import DEBUG_SLEEP_ENV as DEBUG_SLEEP_ENV
+from ._process import START_METHOD_ENV as START_METHOD_ENV
 from ._process import Policy as Policy
 from ._process import describe_exit as describe_exit
 from ._remote import RemoteTraceback as RemoteTraceback

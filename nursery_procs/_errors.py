@@ -106,6 +106,33 @@ class ChildStartError(ContextDied):
     """A child failed while starting: it exited, broke its handshake or was not ready in time."""
 
 
+class ForkServerError(NurseryProcsError):
+    """A fork server failed: it could not start (a ``preload`` module failed to
+    import, or it was not ready in time), could not fork, or died while a child
+    was being forked. :meth:`Supervisor.start_child` raises it as the cause of a
+    :class:`ChildStartError`; :func:`open_supervisor` raises it as itself.
+
+    Attributes:
+        detail: what went wrong.
+        returncode: the fork server's exit status, if it has exited.
+        stderr_tail: the last lines the fork server wrote to stderr.
+    """
+
+    def __init__(
+        self, detail: str, returncode: int | None = None, stderr_tail: tuple[str, ...] = ()
+    ) -> None:
+        text = detail
+        if stderr_tail:
+            text += "\n--- tail of its stderr ---\n" + "\n".join(stderr_tail)
+        super().__init__(text)
+        self.detail = detail
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+    def __reduce__(self) -> tuple[type[ForkServerError], tuple[str, int | None, tuple[str, ...]]]:
+        return (type(self), (self.detail, self.returncode, self.stderr_tail))
+
+
 class MessageUndeliverable(ContextError):
     """A *dead* reply came back: the message could not be delivered.
 

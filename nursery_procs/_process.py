@@ -7,9 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Literal, Protocol
 
 import attrs
 import trio
@@ -17,6 +17,15 @@ import trio
 #: Environment variable: a new child sleeps this many seconds before its target,
 #: after logging its pid, so that a debugger can attach.
 DEBUG_SLEEP_ENV = "NURSERY_PROCS_SLEEP_FOR_DEBUGGER"
+#: Environment variable: the start method of supervisors that are not given one,
+#: ``forkserver`` (the default) or ``exec``.
+START_METHOD_ENV: Final = "NURSERY_PROCS_START_METHOD"
+
+StartMethod = Literal["exec", "forkserver"]
+#: The start methods, and the one used when neither the code nor
+#: :data:`START_METHOD_ENV` names one (``docs/design.rst`` says why).
+START_METHODS: Final[tuple[StartMethod, ...]] = ("exec", "forkserver")
+DEFAULT_START_METHOD: Final[StartMethod] = "forkserver"
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 # Socket buffers sized so that a 1 MiB message needs few wake-ups each way.
@@ -60,6 +69,59 @@ class Policy:
     def close_deadline(self) -> float:
         """How long a shielded close may take in all: grace, SIGTERM wait, and a margin."""
         return self.grace_period + self.kill_after + 2.0
+
+
+def _module_name(name: object) -> str:
+    if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+        raise ValueError(f"preload entries are module names like 'package.module', not {name!r}")
+    return name
+
+
+@attrs.frozen
+class StartOptions:
+    """How a child's process is started: the start method and what a fork server
+    imports before it forks (one validated value, shared by the supervisor and
+    the pool)."""
+
+    #: ``"exec"``: a fresh interpreter per child; ``"forkserver"``: a fork of a
+    #: server process that has already imported the runtime and ``preload``.
+    method: StartMethod = attrs.field(default=DEFAULT_START_METHOD)
+    #: Modules a fork server imports once before it forks children (module
+    #: names; ``"__main__"`` is the parent's main script or module).
+    preload: tuple[str, ...] = ()
+
+    @method.validator
+    def _check_method(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in START_METHODS:
+            raise ValueError(
+                f"start_method must be one of {', '.join(map(repr, START_METHODS))}, not {value!r}"
+            )
+
+    @classmethod
+    def build(cls, method: str | None, preload: Iterable[str] | None) -> StartOptions:
+        """Validate a start method and preload list as given to the public API
+        (``None`` method: :data:`START_METHOD_ENV`, else the default)."""
+        if method is None:
+            method = os.environ.get(START_METHOD_ENV) or DEFAULT_START_METHOD
+        return cls(method, cls.modules(preload))  # type: ignore[arg-type]
+
+    @staticmethod
+    def modules(preload: Iterable[str] | None) -> tuple[str, ...]:
+        """Validate a preload list (duplicates dropped, order kept)."""
+        if preload is None:
+            return ()
+        if isinstance(preload, str | bytes):
+            raise TypeError(f"preload is a list of module names, not the string {preload!r}")
+        return tuple(dict.fromkeys(_module_name(name) for name in preload))
+
+    def override(self, method: str | None, preload: Iterable[str] | None) -> StartOptions:
+        """These options with a child's own method and preload, where given."""
+        if method is None and preload is None:
+            return self
+        return StartOptions(
+            method or self.method,  # type: ignore[arg-type]
+            self.preload if preload is None else self.modules(preload),
+        )
 
 
 class ProcessLike(Protocol):
@@ -110,15 +172,38 @@ async def kill_and_reap(process: ProcessLike) -> int:
     return returncode
 
 
+class ChildProcess(ProcessLike, Protocol):
+    """A started child process: what escalation needs, and its output pipes."""
+
+    @property
+    def stdout(self) -> trio.abc.ReceiveStream | None: ...
+
+    @property
+    def stderr(self) -> trio.abc.ReceiveStream | None: ...
+
+
 @attrs.define(eq=False)
 class Spawned:
     """A freshly started child process and the parent's end of its socketpair."""
 
-    process: trio.Process
+    process: ChildProcess
     stream: trio.abc.Stream
 
 
-def _child_env(debug_sleep: float | None) -> dict[str, str]:
+def link_socketpair() -> tuple[socket.socket, socket.socket]:
+    """The parent's and the child's ends of a new link (buffers sized for big messages)."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (parent_sock, child_sock):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+    return parent_sock, child_sock
+
+
+def socket_stream(sock: socket.socket) -> trio.SocketStream:
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+def child_env(debug_sleep: float | None) -> dict[str, str]:
     env = dict(os.environ)
     # The child must import this very copy of nursery_procs, installed or not.
     existing = env.get("PYTHONPATH")
@@ -134,11 +219,8 @@ async def spawn(*, debug_sleep: float | None = None) -> Spawned:
     The child runs in its own process group, so a terminal's Ctrl-C reaches only
     the master, which then shuts children down in order.
     """
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent_sock, child_sock = link_socketpair()
     try:
-        for sock in (parent_sock, child_sock):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         fd = child_sock.fileno()
         argv = [sys.executable, "-m", "nursery_procs._child", str(fd), str(os.getpid())]
         process = await trio.lowlevel.open_process(
@@ -148,15 +230,14 @@ async def spawn(*, debug_sleep: float | None = None) -> Spawned:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             process_group=0,
-            env=_child_env(debug_sleep),
+            env=child_env(debug_sleep),
         )
     except BaseException:
         parent_sock.close()
         raise
     finally:
         child_sock.close()
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
-    return Spawned(process, stream)
+    return Spawned(process, socket_stream(parent_sock))
 
 
 def describe_exit(returncode: int | None) -> str:

@@ -1,6 +1,8 @@
 """The child's side: bootstrap from the inherited socket, run the target, obey SHUTDOWN.
 
-Run as ``python -m nursery_procs._child FD PARENT_PID``. The life of a child:
+Run as ``python -m nursery_procs._child FD PARENT_PID``, or forked by a fork
+server (:mod:`nursery_procs._forkserver`), which then calls
+:func:`forked_child_main`. The life of a child, from the moment it has its link:
 
 1. connect the WebSocket link over fd ``FD`` (the child is the client);
 2. read the bootstrap spec (id, name, ``sys.path``, target, log level);
@@ -24,13 +26,14 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import trio
 
 from . import _wire
 from ._context import _PARENT, parent_context
 from ._errors import LinkClosed, WireError
+from ._forkserver import exercise_link, receive_assignment
 from ._link import CLOSE_NORMAL, Link, connect_link
 from ._process import DEBUG_SLEEP_ENV
 from ._remote import failed
@@ -47,18 +50,83 @@ ORPHAN_GRACE = 0.5
 
 
 def child_main(argv: list[str]) -> NoReturn:
-    """Entry point of a child process; never returns."""
-    code = 1
+    """Entry point of an exec'd child (``python -m nursery_procs._child FD PARENT_PID``)."""
     try:
         fd = int(argv[1])
         parent_pid = int(argv[2])
+        watched = [parent_pidfd(parent_pid)]
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    run_child(fd, watched)
+
+
+class _Forked:
+    """How a fork server's new child runs the runtime (see
+    :class:`nursery_procs._forkserver.ChildEntry`), once the fork server has made
+    the process clean.
+
+    Its parent is the fork server; its context-tree parent is the master, of which
+    it inherited the pidfd *master_pidfd*. It watches both.
+    """
+
+    @staticmethod
+    def run(link_fd: int, master_pidfd: int) -> NoReturn:
+        run_child(link_fd, _watch_forked(master_pidfd))
+
+    @staticmethod
+    def run_spare(channel_fd: int, master_pidfd: int) -> NoReturn:
+        """Start Trio now and wait for a request: the slow part of a child's start
+        is done before anyone asks for it."""
+        run_child(channel_fd, _watch_forked(master_pidfd), spare=True)
+
+
+FORKED: Final = _Forked()
+
+
+def _watch_forked(master_pidfd: int) -> list[int]:
+    try:
+        return [master_pidfd, parent_pidfd(os.getppid())]
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+
+
+def parent_pidfd(parent_pid: int) -> int:
+    """A pidfd on this process's parent; ends the process if the parent is gone.
+
+    The second look at the parent pid closes the race where the parent died (and
+    its pid was reused) before the pidfd was opened.
+    """
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(70)
+    if os.getppid() != parent_pid:
+        os._exit(70)
+    return pidfd
+
+
+def run_child(fd: int, watched: list[int], *, spare: bool = False) -> NoReturn:
+    """Run the child's side on its link, fd *fd*, then ``os._exit``; never returns.
+
+    Everything a child does once it has its link is here, whether it was exec'd
+    or forked. *watched* are pidfds of processes whose death orphans this one.
+    A *spare* (forked ahead by a fork server) first waits on channel *fd* for its
+    link.
+    """
+    code = 1
+    try:
         os.set_inheritable(fd, False)
         for stream in (sys.stdout, sys.stderr):
             reconfigure = getattr(stream, "reconfigure", None)
             if reconfigure is not None:
                 reconfigure(line_buffering=True)
-        _start_orphan_watchdog(parent_pid)
-        code = trio.run(_run, fd)
+        if spare:
+            code = trio.run(_run_spare, fd, watched)
+        else:
+            _start_orphan_watchdog(watched)
+            code = trio.run(_run, fd)
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -72,29 +140,33 @@ def child_main(argv: list[str]) -> NoReturn:
     os._exit(code)
 
 
-def _start_orphan_watchdog(parent_pid: int) -> None:
-    """End this process if the parent dies, even if the Trio thread is stuck.
+def _start_orphan_watchdog(watched: list[int]) -> None:
+    """End this process if a watched process dies (the master, or the fork server
+    that forked it), even if the Trio thread is stuck.
 
     Not ``PR_SET_PDEATHSIG``: it fires when the *thread* that spawned us exits, and
-    Trio spawns from worker threads that come and go. A pidfd watches the process.
+    Trio spawns from worker threads that come and go. Pidfds watch processes.
     """
 
     def watch() -> None:
-        try:
-            pidfd = os.pidfd_open(parent_pid)
-        except (OSError, AttributeError):
-            pidfd = None
-        if os.getppid() != parent_pid:
-            os._exit(70)
-        if pidfd is not None:
-            select.select([pidfd], [], [])
-        else:  # pragma: no cover - kernels before 5.3
-            while os.getppid() == parent_pid:
-                time.sleep(0.25)
+        select.select(watched, [], [])
         time.sleep(ORPHAN_GRACE)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="nursery_procs orphan watchdog", daemon=True).start()
+
+
+async def _run_spare(channel_fd: int, watched: list[int]) -> int:
+    # Everything that does not depend on the request is done before it comes:
+    # the watchdog, and a first use of the link's code, whose pages this process
+    # copies from the fork server's now rather than when someone waits.
+    _start_orphan_watchdog(watched)
+    _set_title("(spare)")
+    await exercise_link()
+    link_fd = await receive_assignment(channel_fd)
+    if link_fd is None:
+        return 0  # the fork server closed before this spare was needed
+    return await _run(link_fd)
 
 
 async def _run(fd: int) -> int:

@@ -21,18 +21,22 @@ from ._context import Context, OwnedChild, handle_for, owned_context, owned_cont
 from ._errors import (
     ChildStartError,
     ContextDied,
+    ForkServerError,
     HandshakeError,
     LinkClosed,
     SupervisorError,
     WireError,
 )
+from ._forkserver import ForkServers
 from ._groups import unwrap_sole_exception
 from ._lifecycle import Lifecycle, Lineage, State
 from ._link import accept_link
 from ._process import (
     DEBUG_SLEEP_ENV,
+    ChildProcess,
     Policy,
     Spawned,
+    StartOptions,
     describe_exit,
     escalate,
     kill_and_reap,
@@ -81,6 +85,8 @@ class SupervisorStatistics:
     crashed_total: int
     #: Children restarted under their restart policy.
     restarts_total: int = 0
+    #: Fork servers started (a server that died and was started again counts twice).
+    fork_servers_started: int = 0
 
 
 @attrs.define(eq=False)
@@ -148,10 +154,11 @@ class Supervisor:
         nursery: trio.Nursery,
         router: Router,
         policy: Policy,
-        spawner: Callable[..., Awaitable[Spawned]] = spawn,
+        spawner: Callable[..., Awaitable[Spawned]] | None = None,
         max_restarts: int = 3,
         restart_window: float = 5.0,
         trusted: bool = True,
+        start: StartOptions | None = None,
     ) -> None:
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, not {max_restarts!r}")
@@ -164,8 +171,12 @@ class Supervisor:
         self._restart_times: collections.deque[float] = collections.deque()
         self._restarts_total = 0
         self._nursery = nursery
-        self._spawn = spawner
+        #: A spawner given by the caller (fakes); ``None``: the start methods here.
+        self._spawner = spawner
+        #: How children start unless told otherwise (see :meth:`start_child`).
+        self.start_options = start or StartOptions()
         self._service: trio.Nursery = nursery  # replaced by the shielded one on open
+        self._forkservers = ForkServers(nursery, policy)  # replaced on open, as above
         self._service_done = trio.Event()
         self._router = router
         self.policy = policy
@@ -197,6 +208,7 @@ class Supervisor:
             exited_total=self._exited_total,
             crashed_total=self._crashed_total,
             restarts_total=self._restarts_total,
+            fork_servers_started=self._forkservers.started_total,
         )
 
     def context_by_name(self, name: str) -> Context | None:
@@ -226,6 +238,8 @@ class Supervisor:
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
         trusted: bool | None = None,
+        start_method: str | None = None,
+        preload: Iterable[str] | None = None,
     ) -> Context: ...
 
     @overload
@@ -239,6 +253,8 @@ class Supervisor:
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
         trusted: bool | None = None,
+        start_method: str | None = None,
+        preload: Iterable[str] | None = None,
     ) -> Context: ...
 
     async def start_child(
@@ -251,6 +267,8 @@ class Supervisor:
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
         trusted: bool | None = None,
+        start_method: str | None = None,
+        preload: Iterable[str] | None = None,
     ) -> Context:
         """Start ``target(*args)`` in a new child process; return once it is ready.
 
@@ -282,12 +300,21 @@ class Supervisor:
                 from the network): it sends only plain data (see
                 :doc:`security`), and its exceptions are rebuilt only as built-in
                 types. Default: the supervisor's setting.
+            start_method: ``"exec"`` (a fresh interpreter) or ``"forkserver"``
+                (forked from a fork server of this supervisor); default the
+                supervisor's. See :doc:`start_methods`.
+            preload: for ``"forkserver"``, the modules its fork server has
+                imported before forking (children with different lists come
+                from different fork servers); default the supervisor's.
 
         Raises:
             ChildStartError: the child exited, broke its handshake, or was not ready
                 within ``policy.ready_timeout`` (plus any debug sleep). Carries its
-                return code and the tail of its stderr.
+                return code and the tail of its stderr. When its fork server could
+                not start or died while forking it, the cause is a
+                :class:`ForkServerError`.
             WireError: the target or arguments cannot be pickled.
+            ValueError, TypeError: an unknown start method or a bad preload list.
             RuntimeError: the supervisor is closed.
 
         **Cancellation:** the half-started child is killed and reaped.
@@ -295,6 +322,7 @@ class Supervisor:
         if self._closed:
             raise RuntimeError("this supervisor is closed")
         restart = Restart(restart)
+        start = self.start_options.override(start_method, preload)
         blob = dump_target(target, args)
         if debug_sleep is None:
             env_value = os.environ.get(DEBUG_SLEEP_ENV)
@@ -310,7 +338,7 @@ class Supervisor:
         ctx, child = owned_context(context_id, name, self._router, Lineage(life))
         self._started_total += 1
         result: Context = await self._nursery.start(
-            self._run_with_restarts, ctx, child, blob, restart, raise_on_crash
+            self._run_with_restarts, ctx, child, blob, restart, raise_on_crash, start
         )
         return result
 
@@ -321,6 +349,7 @@ class Supervisor:
         blob: bytes,
         restart: Restart,
         raise_on_crash: bool,
+        start: StartOptions,
         *,
         task_status: trio.TaskStatus[Context],
     ) -> None:
@@ -328,13 +357,15 @@ class Supervisor:
         owned[ctx.id] = ctx
         self._children[ctx.id] = (ctx, child)
         try:
-            await self._run_child(ctx, child, blob, task_status=task_status)
+            await self._run_child(ctx, child, blob, start, task_status=task_status)
             while self._should_restart(child.life, restart):
                 self._count_restart(child.life)
                 child.lineage.renew()
                 ctx.reopen_inboxes()
                 try:
-                    await self._run_child(ctx, child, blob, task_status=trio.TASK_STATUS_IGNORED)
+                    await self._run_child(
+                        ctx, child, blob, start, task_status=trio.TASK_STATUS_IGNORED
+                    )
                 except ChildStartError as exc:
                     child.life.note(fault="restart failed")
                     child_logger(ctx.name).warning(
@@ -393,6 +424,8 @@ class Supervisor:
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
         trusted: bool | None = None,
+        start_method: str | None = None,
+        preload: Iterable[str] | None = None,
     ) -> AbstractAsyncContextManager[Context]: ...
 
     @overload
@@ -406,6 +439,8 @@ class Supervisor:
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
         trusted: bool | None = None,
+        start_method: str | None = None,
+        preload: Iterable[str] | None = None,
     ) -> AbstractAsyncContextManager[Context]: ...
 
     def open_child(
@@ -418,6 +453,8 @@ class Supervisor:
         restart: Restart | str = Restart.TEMPORARY,
         raise_on_crash: bool = True,
         trusted: bool | None = None,
+        start_method: str | None = None,
+        preload: Iterable[str] | None = None,
     ) -> AbstractAsyncContextManager[Context]:
         """Start a child bound to a block: leaving the block shuts it down gracefully.
 
@@ -434,6 +471,8 @@ class Supervisor:
                 restart=restart,
                 raise_on_crash=raise_on_crash,
                 trusted=trusted,
+                start_method=start_method,
+                preload=preload,
             )
         )
 
@@ -444,6 +483,7 @@ class Supervisor:
         ctx: Context,
         child: OwnedChild,
         blob: bytes,
+        start: StartOptions,
         *,
         task_status: trio.TaskStatus[Context],
     ) -> None:
@@ -457,16 +497,16 @@ class Supervisor:
         life = run.life
         life.started_at = trio.current_time()
         route: Route | None = None
-        process: trio.Process | None = None
+        process: ChildProcess | None = None
         drained: trio.Event | None = None
         boot_failure: _BootFailed | None = None
         try:
-            spawned = await self._spawn(debug_sleep=life.debug_sleep or None)
-            process = spawned.process
-            life.note(pid=process.pid)
-            drained = _start_pipes(self._service, run, process)
-            self._service.start_soon(_watch_exit, process, life)
             try:
+                spawned = await self._spawn_process(life, start)
+                process = spawned.process
+                life.note(pid=process.pid)
+                drained = _start_pipes(self._service, run, process)
+                self._service.start_soon(_watch_exit, process, life)
                 route = await self._boot(ctx, run, spawned, blob)
             except _BootFailed as exc:
                 boot_failure = exc
@@ -491,7 +531,7 @@ class Supervisor:
         self,
         child: OwnedChild,
         run: _Incarnation,
-        process: trio.Process | None,
+        process: ChildProcess | None,
         drained: trio.Event | None,
     ) -> None:
         """Stop the process (gracefully if it booted), reap it, close its link and pipes."""
@@ -526,6 +566,22 @@ class Supervisor:
                 await drained.wait()
         # A process the child started may still hold its pipes: stop reading them.
         run.cancel_pumps()
+
+    async def _launch(self, *, debug_sleep: float | None, start: StartOptions) -> Spawned:
+        """The default spawner: a fresh interpreter, or a fork from a fork server."""
+        if start.method == "forkserver":
+            return await self._forkservers.spawn(start.preload, debug_sleep=debug_sleep)
+        return await spawn(debug_sleep=debug_sleep)
+
+    async def _spawn_process(self, life: Lifecycle, start: StartOptions) -> Spawned:
+        debug_sleep = life.debug_sleep or None
+        if self._spawner is not None:
+            return await self._spawner(debug_sleep=debug_sleep)
+        try:
+            return await self._launch(debug_sleep=debug_sleep, start=start)
+        except ForkServerError as exc:
+            self._failed_starts += 1
+            raise _BootFailed(f"its fork server failed: {exc.detail}") from exc
 
     async def _boot(self, ctx: Context, run: _Incarnation, spawned: Spawned, blob: bytes) -> Route:
         life = run.life
@@ -664,13 +720,13 @@ async def _drop_unlinked_stream(life: Lifecycle, spawned: Spawned) -> None:
         await trio.aclose_forcefully(spawned.stream)
 
 
-async def _watch_exit(process: trio.Process, life: Lifecycle) -> None:
+async def _watch_exit(process: ChildProcess, life: Lifecycle) -> None:
     """Note when the process exits (the runner reaps it)."""
     await process.wait()
     life.note(process_exited=True)
 
 
-def _start_pipes(service: trio.Nursery, run: _Incarnation, process: trio.Process) -> trio.Event:
+def _start_pipes(service: trio.Nursery, run: _Incarnation, process: ChildProcess) -> trio.Event:
     """Log the child's stdout and stderr; the event is set when both reach EOF."""
     drained = trio.Event()
     remaining = [0]
@@ -721,6 +777,8 @@ async def open_supervisor(
     max_restarts: int = 3,
     restart_window: float = 5.0,
     trusted: bool | None = None,
+    start_method: str | None = None,
+    preload: Iterable[str] | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Open a supervisor: every child started in it is shut down and reaped before
     the block exits.
@@ -729,8 +787,8 @@ async def open_supervisor(
         policy: default timing and limits for the children (see :class:`Policy`).
         siblings_may_talk: if ``False``, this process's router refuses messages
             between its children's subtrees (only up and down the tree).
-        spawner: how to start a child process (default: a fresh Python
-            interpreter). Tests pass :func:`nursery_procs.testing.fake_spawner`.
+        spawner: how to start a child process (default: by its start method).
+            Tests pass :func:`nursery_procs.testing.fake_spawner`.
         max_restarts: restart intensity: at most this many restarts (of children
             started with ``restart="permanent"`` or ``"transient"``) ...
         restart_window: ... within this many seconds; one more makes the
@@ -739,12 +797,29 @@ async def open_supervisor(
             see :meth:`Supervisor.start_child`). Default: ``True``, unless this
             process is itself an untrusted child (then its children are not
             trusted either).
+        start_method: how children start unless :meth:`~Supervisor.start_child`
+            says otherwise: ``"exec"`` (a fresh interpreter each) or
+            ``"forkserver"`` (forked in milliseconds from a fork server that
+            this supervisor starts when its first child needs it, or at once if
+            there is something to preload, and closes at its end). Default: the
+            ``NURSERY_PROCS_START_METHOD`` environment variable, else
+            ``"forkserver"``.
+            See :doc:`start_methods`.
+        preload: modules the fork server imports before it forks (``"__main__"``
+            for the main script or module); the server starts at once, so that
+            one that fails to import fails here.
+
+    Raises:
+        ForkServerError: the fork server could not start (for example a
+            ``preload`` module failed to import); nothing is left running.
+        ValueError, TypeError: an unknown start method or a bad preload list.
 
     **Cancellation / errors:** however the block exits (normally, by an exception,
     by cancellation or Ctrl-C), every child gets SHUTDOWN, its grace period, then
     SIGTERM and SIGKILL as needed, and is reaped. Children are closed concurrently.
     An exception from the block propagates as itself, not wrapped in a group.
     """
+    start = StartOptions.build(start_method, preload)
     router = current_router()
     if not siblings_may_talk:
         router.siblings_may_talk = False
@@ -754,16 +829,22 @@ async def open_supervisor(
                 nursery,
                 router,
                 policy or Policy(),
-                spawner or spawn,
+                spawner,
                 max_restarts=max_restarts,
                 restart_window=restart_window,
                 trusted=not router.data_only if trusted is None else trusted,
+                start=start,
             )
             supervisor._service = await nursery.start(supervisor._host_services)
+            supervisor._forkservers = ForkServers(supervisor._service, supervisor.policy)
             try:
+                if start.method == "forkserver" and start.preload and spawner is None:
+                    # Now, so that a preload that fails to import fails here.
+                    await supervisor._forkservers.get(start.preload)
                 yield supervisor
             finally:
                 with trio.CancelScope(shield=True):
                     await supervisor._close_all()
+                    await supervisor._forkservers.aclose()
                 supervisor._closed = True
                 supervisor._service_done.set()

@@ -6,12 +6,25 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import trio
 from programs import ScriptOutput, run_script
 
+import nursery_procs
 from nursery_procs.testing import wait_process_gone
 
 MASTER = Path(__file__).parent / "scripts" / "master.py"
+
+
+@pytest.fixture(autouse=True, params=["exec", "forkserver"])
+def start_method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The master script starts its children with each start method in turn."""
+    monkeypatch.setenv(nursery_procs.START_METHOD_ENV, request.param)
+    return str(request.param)
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 async def _children(stdout: ScriptOutput) -> list[int]:
@@ -22,15 +35,20 @@ async def _children(stdout: ScriptOutput) -> list[int]:
     return [int(w) for w in words[1:]]
 
 
-async def test_children_exit_within_a_second_of_a_sigkilled_master(tmp_path: Path) -> None:
+async def test_children_exit_within_a_second_of_a_sigkilled_master(
+    tmp_path: Path, start_method: str
+) -> None:
     async with run_script(MASTER, str(tmp_path), "3") as (master, stdout):
         pids = await _children(stdout)
+        # Forked children's parent is the fork server: it must go too.
+        servers = {_parent_of(pid) for pid in pids} - {master.pid}
+        assert len(servers) == (start_method == "forkserver")
         master.kill()
         await master.wait()
         # By design they are gone within about a second (link EOF, or the watchdog
         # 0.5 s after the parent's death); the bound leaves room for a loaded machine.
         with trio.fail_after(5):
-            for pid in pids:
+            for pid in [*pids, *servers]:
                 await wait_process_gone(pid)
     # They noticed the closed link and cleaned up (finally blocks ran).
     for i, pid in enumerate(pids):

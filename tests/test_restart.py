@@ -105,8 +105,9 @@ async def test_bad_restart_value() -> None:
             await sup.start_child(None, restart="sometimes")
 
 
-async def test_a_real_permanent_child_comes_back_after_sigkill() -> None:
-    async with nursery_procs.open_supervisor() as sup:
+@pytest.mark.parametrize("start_method", ["exec", "forkserver"])
+async def test_a_real_permanent_child_comes_back_after_sigkill(start_method: str) -> None:
+    async with nursery_procs.open_supervisor(start_method=start_method) as sup:
         ctx = await sup.start_child(targets.serve_echo, name="phoenix", restart="permanent")
         old_pid = ctx.pid
         assert old_pid is not None

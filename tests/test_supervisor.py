@@ -25,6 +25,13 @@ from nursery_procs._wire import Handle
 FAST = Policy(grace_period=2.0, kill_after=2.0)
 
 
+@pytest.fixture(autouse=True, params=["exec", "forkserver"])
+def start_method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each start method (as the supervisors' default)."""
+    monkeypatch.setenv(nursery_procs.START_METHOD_ENV, request.param)
+    return str(request.param)
+
+
 async def test_start_call_and_close() -> None:
     async with nursery_procs.open_supervisor() as sup:
         ctx = await sup.start_child(None, name="worker")

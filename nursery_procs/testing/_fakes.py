@@ -131,7 +131,7 @@ def fake_spawner(
         if processes is not None:
             processes.append(process)
         nursery.start_soon(_run_fake_child, theirs, process, answers or FakeAnswers())
-        return Spawned(process, ours)  # type: ignore[arg-type]
+        return Spawned(process, ours)
 
     return spawn
 

@@ -1,0 +1,111 @@
+"""Functions that tests of the process layer run inside child processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+import nursery_procs
+
+
+def fd_table() -> dict[int, str]:
+    """This process's open descriptors and what they are; a pidfd names its pid."""
+    table: dict[int, str] = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor
+            continue
+        if target == "anon_inode:[pidfd]":
+            with open(f"/proc/self/fdinfo/{name}") as info:
+                pid = next(line.split()[1] for line in info if line.startswith("Pid:"))
+            target = f"pidfd {pid}"
+        table[int(name)] = target
+    return table
+
+
+def random_numbers() -> tuple[float, int]:
+    return random.random(), random.getrandbits(64)
+
+
+def _describe(handler: Any) -> str:
+    if handler is signal.SIG_DFL:
+        return "default"
+    if handler is signal.SIG_IGN:
+        return "ignore"
+    if handler is None:
+        return "not from Python"
+    return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', handler)}"
+
+
+async def signal_state() -> tuple[dict[int, str], list[int]]:
+    """Handlers of every signal, and the blocked signals, of the Trio thread."""
+    handlers = {
+        int(signum): _describe(signal.getsignal(signum))
+        for signum in signal.valid_signals()
+        if signum not in (signal.SIGKILL, signal.SIGSTOP)
+    }
+    blocked = sorted(int(signum) for signum in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    return handlers, blocked
+
+
+async def logging_state() -> tuple[list[str], int, bool]:
+    """Root handlers, the preloaded logger's handler count, and whether another
+    thread can take the logging lock; logs one record."""
+    lock = logging._lock  # type: ignore[attr-defined]
+
+    def take_lock() -> bool:
+        if lock.acquire(timeout=5):
+            lock.release()
+            return True
+        return False
+
+    free = await trio.to_thread.run_sync(take_lock)
+    logging.getLogger("after.fork").warning("logged from a forked child")
+    root = [type(handler).__name__ for handler in logging.getLogger().handlers]
+    return root, len(logging.getLogger("preloaded").handlers), free
+
+
+def run_a_program() -> str:
+    """Start a grandchild process and return what it printed."""
+    return subprocess.check_output([sys.executable, "-c", "print('grandchild says hi')"], text=True)
+
+
+def fork_and_wait() -> int:
+    """Fork a grandchild with os.fork and reap it; its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+async def nested_forkserver_child() -> tuple[int, int]:
+    """Start a grandchild from a fork server of this child; its pid and its answer."""
+    async with nursery_procs.open_supervisor(start_method="forkserver") as sup:
+        grandchild = await sup.start_child(None, name="grandchild")
+        return grandchild.pid or 0, await grandchild.call(os.getppid)
+
+
+def parent_pid() -> int:
+    return os.getppid()
+
+
+def title() -> str:
+    with open("/proc/self/cmdline", "rb") as cmdline:
+        return cmdline.read().split(b"\0")[0].decode()
+
+
+def environment(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def working_directory() -> str:
+    return os.getcwd()
