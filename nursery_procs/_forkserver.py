@@ -63,6 +63,7 @@ from . import _wire
 from ._errors import ForkServerError
 from ._link import Link, accept_link, connect_link
 from ._process import Policy, Spawned, child_env, escalate, link_socketpair, socket_stream
+from ._proctree import become_subreaper, direct_children, kill_group, kill_tree
 from ._spec import load_main_module, main_module_spec
 from ._stdio import new_tail, pump_lines
 
@@ -227,6 +228,8 @@ class _Server:
 
     def __init__(self, control_fd: int, master_pid: int, entry: ChildEntry) -> None:
         self.signals = _SignalState.capture()
+        # The orphans of a child that dies come here, to be killed (see reap).
+        become_subreaper()
         self.sock = socket.socket(fileno=control_fd)
         self.sock.setblocking(True)
         self.master_pidfd = os.pidfd_open(master_pid)
@@ -430,25 +433,44 @@ class _Server:
         self.poller.register(pidfd, select.POLLIN)
 
     def reap(self, pidfd: int) -> None:
+        """Reap the exited child of *pidfd*, and kill what it left behind."""
         self.poller.unregister(pidfd)
         os.close(pidfd)
         pid = self.children.pop(pidfd, None)
+        known_to_master = pid is not None
         if pid is None:  # a spare that died before it had a request
             pid = self.unassigned.pop(pidfd)
             if self.spare is not None and self.spare.pidfd == pidfd:
                 self.spare.channel.close()
                 self.spare = None
-            os.waitpid(pid, 0)
-            return
+        # Not reaped yet, so its pid (its group's id) is not reused: the rest of
+        # its group dies first. Processes that left the group (setsid daemons)
+        # were adopted by it, a subreaper, and are now adopted by this server.
+        kill_group(pid)
         _, status = os.waitpid(pid, 0)
-        self.send({"op": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+        self.end_adopted()
+        if known_to_master:
+            returncode = os.waitstatus_to_exitcode(status)
+            self.send({"op": "exited", "pid": pid, "returncode": returncode})
+
+    def end_adopted(self) -> None:
+        """Kill and reap every child of this server that it did not fork: the
+        orphans of a child that died (this server is a subreaper)."""
+        known = {*self.children.values(), *self.unassigned.values()}
+        for pid in direct_children(os.getpid()):
+            if pid not in known:
+                kill_tree(pid)
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
 
     def wind_down(self) -> int:
         """Let the children end on their own for a moment, then kill and reap the rest."""
         for fd in (self.sock.fileno(), self.master_pidfd):
             self.poller.unregister(fd)
-        for pidfd in list(self.unassigned):
-            _kill(pidfd)
+        for pidfd, pid in list(self.unassigned.items()):
+            kill_tree(pid, root_pidfd=pidfd)
             self.reap(pidfd)
         deadline = time.monotonic() + _WIND_DOWN_GRACE
         while self.children:
@@ -457,17 +479,10 @@ class _Server:
                 break
             for fd, _events in self.poller.poll(remaining * 1000):
                 self.reap(fd)
-        for pidfd in list(self.children):
-            _kill(pidfd)
+        for pidfd, pid in list(self.children.items()):
+            kill_tree(pid, root_pidfd=pidfd)
             self.reap(pidfd)
         return 0
-
-
-def _kill(pidfd: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _adopt_stdio(stdout: int, stderr: int) -> None:
@@ -578,7 +593,9 @@ class ForkedProcess:
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
+        """SIGKILL the child and every process below it (frozen first)."""
+        if self.returncode is None:
+            kill_tree(self.pid, root_pidfd=self._pidfd)
 
     async def wait(self) -> int:
         """Wait until the fork server has reaped the child; its exit status.

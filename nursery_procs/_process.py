@@ -14,6 +14,8 @@ from typing import Final, Literal, Protocol
 import attrs
 import trio
 
+from ._proctree import kill_group, kill_tree
+
 #: Environment variable: a new child sleeps this many seconds before its target,
 #: after logging its pid, so that a debugger can attach.
 DEBUG_SLEEP_ENV = "NURSERY_PROCS_SLEEP_FOR_DEBUGGER"
@@ -183,6 +185,61 @@ class ChildProcess(ProcessLike, Protocol):
 
 
 @attrs.define(eq=False)
+class ExecProcess:
+    """An exec'd child as the supervisor sees it: a :class:`trio.Process`, plus
+    what Trio does not do. SIGKILL takes the child's whole process tree, and when
+    the child exits, what is left of its process group is killed before the
+    child is reaped (until then its pid, which is also its group's id, cannot be
+    reused, so the kill reaches no stranger)."""
+
+    _process: trio.Process
+    _pidfd: int
+    #: The exit status once reaped (negative: the signal that killed it).
+    returncode: int | None = None
+    _wait_lock: trio.Lock = attrs.field(factory=trio.Lock)
+
+    @classmethod
+    def wrap(cls, process: trio.Process) -> ExecProcess:
+        # Not reaped yet (only wait() reaps): the pid is still this child's.
+        return cls(process, os.pidfd_open(process.pid))
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def stdout(self) -> trio.abc.ReceiveStream | None:
+        return self._process.stdout
+
+    @property
+    def stderr(self) -> trio.abc.ReceiveStream | None:
+        return self._process.stderr
+
+    def terminate(self) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the child and every process below it (frozen first)."""
+        if self.returncode is None:
+            kill_tree(self.pid, root_pidfd=self._pidfd)
+
+    async def wait(self) -> int:
+        """Wait until the child exits; kill the rest of its group; reap it.
+
+        **Cancellation:** safe (nothing is reaped until the child has exited).
+        """
+        async with self._wait_lock:
+            if self.returncode is None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+                kill_group(self.pid)
+                self.returncode = await self._process.wait()
+                trio.lowlevel.notify_closing(self._pidfd)
+                os.close(self._pidfd)
+        return self.returncode
+
+
+@attrs.define(eq=False)
 class Spawned:
     """A freshly started child process and the parent's end of its socketpair."""
 
@@ -237,7 +294,7 @@ async def spawn(*, debug_sleep: float | None = None) -> Spawned:
         raise
     finally:
         child_sock.close()
-    return Spawned(process, socket_stream(parent_sock))
+    return Spawned(ExecProcess.wrap(process), socket_stream(parent_sock))
 
 
 def describe_exit(returncode: int | None) -> str:

@@ -36,6 +36,7 @@ from ._errors import LinkClosed, WireError
 from ._forkserver import exercise_link, receive_assignment
 from ._link import CLOSE_NORMAL, Link, connect_link
 from ._process import DEBUG_SLEEP_ENV
+from ._proctree import become_subreaper, end_descendants, kill_tree, reap_children
 from ._remote import failed
 from ._router import _ROUTER, Route, Router
 from ._spec import Bootstrap, load_main_module, resolve
@@ -47,6 +48,12 @@ log = logging.getLogger("nursery_procs.runtime")
 #: After the parent dies, how long the child's Trio side has to finish cleanly
 #: before the watchdog thread ends the process.
 ORPHAN_GRACE = 0.5
+#: When a child ends, how long the processes it started have, after SIGTERM,
+#: before the rest of its process tree is killed.
+DESCENDANT_GRACE = 1.0
+
+#: The exit status this child is ending with, once its Trio run is over.
+_ending_with: int | None = None
 
 
 def child_main(argv: list[str]) -> NoReturn:
@@ -114,10 +121,16 @@ def run_child(fd: int, watched: list[int], *, spare: bool = False) -> NoReturn:
     or forked. *watched* are pidfds of processes whose death orphans this one.
     A *spare* (forked ahead by a fork server) first waits on channel *fd* for its
     link.
+
+    No process this child starts outlives it: it adopts their orphans (child
+    subreaper), and ends them all however it ends itself (its run is over,
+    SIGTERM, or its parent died).
     """
     code = 1
     try:
         os.set_inheritable(fd, False)
+        become_subreaper()
+        signal.signal(signal.SIGTERM, _on_sigterm)
         for stream in (sys.stdout, sys.stderr):
             reconfigure = getattr(stream, "reconfigure", None)
             if reconfigure is not None:
@@ -131,13 +144,41 @@ def run_child(fd: int, watched: list[int], *, spare: bool = False) -> NoReturn:
         traceback.print_exc()
         code = 1
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        _flush()
+    _end(code)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _end(code: int) -> NoReturn:
+    """End every descendant, then this process with *code*."""
+    global _ending_with
+    _ending_with = code
+    try:
+        end_descendants(DESCENDANT_GRACE)
+    except BaseException:
+        traceback.print_exc()
     # Skip interpreter teardown: the work is done and it costs ~20 ms per child.
     os._exit(code)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM: end the descendants, then die of SIGTERM as without this handler
+    (or, if the run was already over, hurry: kill them and exit as planned)."""
+    if _ending_with is not None:
+        kill_tree(os.getpid(), include_root=False)
+        reap_children(block=True)
+        os._exit(_ending_with)
+    end_descendants(DESCENDANT_GRACE)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(128 + signal.SIGTERM)  # pragma: no cover - the signal ends the process first
 
 
 def _start_orphan_watchdog(watched: list[int]) -> None:
@@ -151,6 +192,9 @@ def _start_orphan_watchdog(watched: list[int]) -> None:
     def watch() -> None:
         select.select(watched, [], [])
         time.sleep(ORPHAN_GRACE)
+        # Whatever the Trio side did not finish, nothing this child started
+        # survives it: freeze and kill the whole tree below, then this process.
+        kill_tree(os.getpid(), include_root=False)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="nursery_procs orphan watchdog", daemon=True).start()

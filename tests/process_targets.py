@@ -109,3 +109,56 @@ def environment(name: str) -> str | None:
 
 def working_directory() -> str:
     return os.getcwd()
+
+
+# A double fork: the middle process calls setsid and exits, so the last one, a
+# daemon in a session of its own, is orphaned at once. It prints its pid.
+DAEMONIZE = """
+import os
+if os.fork() == 0:
+    os.setsid()
+    pid = os.fork()
+    if pid == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.execvp("sleep", ["sleep", "1000"])
+    print(pid, flush=True)
+    os._exit(0)
+os.wait()
+"""
+_KEPT: list[subprocess.Popen[bytes]] = []
+
+
+def start_descendants() -> tuple[int, int]:
+    """Start a grandchild (in this process's group) and a daemonised
+    great-grandchild (in a session of its own); their pids."""
+    grandchild = subprocess.Popen(["sleep", "1000"])
+    _KEPT.append(grandchild)  # never collected: it outlives this call on purpose
+    daemon = int(subprocess.check_output([sys.executable, "-c", DAEMONIZE]))
+    return grandchild.pid, daemon
+
+
+async def descendants_then_return() -> tuple[int, int]:
+    pids = start_descendants()
+    await nursery_procs.parent().send(pids)
+    return pids
+
+
+async def descendants_then_block(ignore_sigterm: bool = False) -> None:
+    """Start descendants, tell the parent, then block the Trio thread."""
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    await nursery_procs.parent().send(start_descendants())
+    while True:
+        signal.pause()
+
+
+async def descendants_then_wait() -> None:
+    """Start descendants, tell the parent, then wait to be shut down."""
+    await nursery_procs.parent().send(start_descendants())
+    await trio.sleep_forever()
+
+
+def die_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
