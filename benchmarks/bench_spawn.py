@@ -13,6 +13,11 @@ Run: ``python benchmarks/bench_spawn.py`` (``--quick`` for a short run,
 * ``memory``: USS and PSS (``/proc/<pid>/smaps_rollup``) of idle children of each
   start method (ready, one call answered), of the fork server and its spare, and
   of an idle trio-parallel FORK worker. Target: forked child <= 4 MB USS.
+* ``isolation``: what isolation costs, for each start method: spawn to ready and
+  the round trip of a 100-byte call, with no isolation, with a network namespace
+  and a memory limit (the collaborative server's document children), and with
+  every option (limits, ``no_new_privs``, user, PID, mount and network
+  namespaces, a read-only file system); rounds interleaved.
 """
 
 from __future__ import annotations
@@ -142,11 +147,59 @@ async def memory(count: int) -> dict[str, Any]:
     return figures
 
 
+ISOLATIONS = {
+    "none": nursery_procs.Isolation(),
+    "network_and_memory": nursery_procs.Isolation(network=True, address_space=1 << 30),
+    "everything": nursery_procs.Isolation(
+        address_space=1 << 30,
+        open_files=1024,
+        cpu_time=3600,
+        processes=4096,
+        no_new_privs=True,
+        user=True,
+        pid=True,
+        mount=True,
+        network=True,
+        read_only=True,
+        writable_paths=["/tmp"],
+    ),
+}
+_PAYLOAD = b"x" * 100
+
+
+async def isolation_cost(rounds: int, calls: int) -> dict[str, Any]:
+    """Spawn to ready and call round trip, per start method and isolation."""
+    spawns: dict[str, list[float]] = {}
+    trips: dict[str, list[float]] = {}
+    async with nursery_procs.open_supervisor() as sup:
+        await (await sup.start_child(None, start_method="forkserver")).aclose()
+        for _ in range(rounds):
+            for method in METHODS:
+                for name, isolation in ISOLATIONS.items():
+                    key = f"{method}_{name}"
+                    t = time.perf_counter()
+                    ctx = await sup.start_child(None, start_method=method, isolation=isolation)
+                    spawns.setdefault(key, []).append(time.perf_counter() - t)
+                    for _ in range(calls):
+                        t = time.perf_counter()
+                        await ctx.call(bytes, _PAYLOAD)
+                        trips.setdefault(key, []).append(time.perf_counter() - t)
+                    await ctx.aclose()
+    figures: dict[str, Any] = {}
+    for key in spawns:
+        figures[key] = {
+            "spawn_median_ms": _median_ms(spawns[key]),
+            "call_median_us": statistics.median(trips[key]) * 1e6,
+        }
+    return figures
+
+
 async def main(quick: bool) -> dict[str, Any]:
     figures = {
         "spawn": await spawn_to_ready(10 if quick else 40),
         "first_child": await first_child(2 if quick else 5),
         "memory": await memory(3 if quick else 5),
+        "isolation": await isolation_cost(3 if quick else 10, 50 if quick else 200),
     }
     spawn, first, mem = figures["spawn"], figures["first_child"], figures["memory"]
     print(f"spawn to ready, median of {spawn['rounds']} (same run):")
@@ -165,6 +218,9 @@ async def main(quick: bool) -> dict[str, Any]:
     for name in ("exec", "forkserver", "fork_server", "spare", "tp_fork_worker"):
         print(f"  {name:<16} USS {mem[name]['uss_mib']:6.2f}  PSS {mem[name]['pss_mib']:6.2f}")
     print(f"  exec child / forked child USS: {mem['uss_exec_over_forkserver']:.1f}x")
+    print("isolation: spawn to ready (ms) and 100 B call round trip (us), medians:")
+    for key, row in figures["isolation"].items():
+        print(f"  {key:<32} {row['spawn_median_ms']:8.2f} ms  {row['call_median_us']:8.1f} us")
     return figures
 
 

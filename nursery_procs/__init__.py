@@ -30,6 +30,7 @@ from ._errors import SupervisorError as SupervisorError
 from ._errors import WireError as WireError
 from ._forward import Forwarded as Forwarded
 from ._forward import forward as forward
+from ._isolation import Isolation as Isolation
 from ._lifecycle import State as State
 from ._link import Link as Link
 from ._link import accept_link as accept_link

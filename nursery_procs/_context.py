@@ -14,6 +14,7 @@ import trio
 
 from . import _wire
 from ._errors import ContextDied, LinkClosed
+from ._isolation import Isolation
 from ._lifecycle import Lifecycle, Lineage, State
 from ._process import Policy
 from ._router import ANY_SOURCE, OnCancel, Router, current_router
@@ -132,6 +133,9 @@ class ContextStatistics:
     bytes_out: int
     #: Seconds (of ``trio.current_time()``) since the child was started, or 0.0.
     uptime: float
+    #: The isolation in force for the child, as the kernel shows it from outside
+    #: (``None``: not known, such as for a context this process did not start).
+    isolation: Isolation | None = None
 
 
 class _Peer(Protocol):
@@ -364,6 +368,7 @@ class Context(trio.abc.Channel[Any]):
             bytes_in=link.bytes_received,
             bytes_out=link.bytes_sent,
             uptime=end - life.started_at,
+            isolation=life.isolation,
         )
 
     def _died(self, detail: str = "") -> ContextDied:

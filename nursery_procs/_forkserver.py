@@ -61,6 +61,7 @@ import trio
 
 from . import _wire
 from ._errors import ForkServerError
+from ._isolation import Isolation
 from ._link import Link, accept_link, connect_link
 from ._process import Policy, Spawned, child_env, escalate, link_socketpair, socket_stream
 from ._proctree import become_subreaper, direct_children, kill_group, kill_tree
@@ -207,8 +208,8 @@ class ChildEntry(Protocol):
     """How a new child runs the child runtime (given by the entry point, which
     may import the runtime; this module may not)."""
 
-    def run(self, link_fd: int, master_pidfd: int) -> NoReturn:
-        """Run a child on its link at once."""
+    def run(self, link_fd: int, master_pidfd: int, isolation: dict[str, Any] | None) -> NoReturn:
+        """Run a child on its link at once (confined as *isolation* says)."""
 
     def run_spare(self, channel_fd: int, master_pidfd: int) -> NoReturn:
         """Run a spare: wait for its assignment on *channel_fd*, then run."""
@@ -330,7 +331,9 @@ class _Server:
             if request.get("op") != "fork" or len(fds) != _REQUEST_FDS:
                 raise ValueError(f"bad request {request!r} with {len(fds)} descriptors")
             settings = request.get("settings", {})
-            pid, pidfd = self.assign_spare(fds, settings) or self.fork(fds, settings)
+            # A spare has a thread already: a namespace needs a new process.
+            served = None if settings.get("isolation") else self.assign_spare(fds, settings)
+            pid, pidfd = served or self.fork(fds, settings)
         except Exception as exc:
             self.send({"op": "fork-failed", "id": request_id, "error": f"{exc}"})
             return True
@@ -403,7 +406,7 @@ class _Server:
             try:
                 _adopt_stdio(stdout, stderr)
                 _apply_settings(settings)
-                self.entry.run(link, self.master_pidfd)
+                self.entry.run(link, self.master_pidfd, settings.get("isolation"))
             finally:
                 os._exit(1)
         pidfd = self.pidfd_of(pid)
@@ -1019,7 +1022,7 @@ class ForkServers:
         preload: tuple[str, ...],
         *,
         debug_sleep: float | None = None,
-        settings: dict[str, Any] | None = None,
+        isolation: Isolation | None = None,
     ) -> Spawned:
         """Fork a child from the server for *preload*: its link and its own pipes,
         and the environment and working directory an exec'd child would get.
@@ -1031,7 +1034,9 @@ class ForkServers:
         **Cancellation:** nothing is left running or open.
         """
         server = await self.get(preload)
-        settings = {**server.settings_for(child_env(debug_sleep)), **(settings or {})}
+        settings = server.settings_for(child_env(debug_sleep))
+        if isolation is not None and isolation.confines:
+            settings["isolation"] = isolation.to_json()
         parent_sock, child_sock = link_socketpair()
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import trio
 
+from ._isolation import Isolation
 from ._link import Link
 from ._process import Policy
 from ._stdio import new_tail
@@ -112,6 +113,8 @@ class Lifecycle:
     #: Kill it at once, without a grace period (a call cancelled with
     #: ``kill_on_cancel``).
     kill_requested: bool = False
+    #: The isolation in force, as seen from outside once it was ready.
+    isolation: Isolation | None = None
 
     # -- the runner's writes -------------------------------------------------
 

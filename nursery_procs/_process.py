@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from typing import Final, Literal, Protocol
 import attrs
 import trio
 
+from ._isolation import Isolation
 from ._proctree import kill_group, kill_tree
 
 #: Environment variable: a new child sleeps this many seconds before its target,
@@ -91,6 +93,8 @@ class StartOptions:
     #: Modules a fork server imports once before it forks children (module
     #: names; ``"__main__"`` is the parent's main script or module).
     preload: tuple[str, ...] = ()
+    #: How the child is confined.
+    isolation: Isolation = attrs.field(factory=Isolation)
 
     @method.validator
     def _check_method(self, attribute: attrs.Attribute[str], value: str) -> None:
@@ -100,12 +104,22 @@ class StartOptions:
             )
 
     @classmethod
-    def build(cls, method: str | None, preload: Iterable[str] | None) -> StartOptions:
-        """Validate a start method and preload list as given to the public API
-        (``None`` method: :data:`START_METHOD_ENV`, else the default)."""
+    def build(
+        cls, method: str | None, preload: Iterable[str] | None, isolation: Isolation | None = None
+    ) -> StartOptions:
+        """Validate a start method, preload list and isolation as given to the
+        public API (``None`` method: :data:`START_METHOD_ENV`, else the default)."""
         if method is None:
             method = os.environ.get(START_METHOD_ENV) or DEFAULT_START_METHOD
-        return cls(method, cls.modules(preload))  # type: ignore[arg-type]
+        return cls(method, cls.modules(preload), cls.checked(isolation))  # type: ignore[arg-type]
+
+    @staticmethod
+    def checked(isolation: Isolation | None) -> Isolation:
+        if isolation is None:
+            return Isolation()
+        if not isinstance(isolation, Isolation):
+            raise TypeError(f"isolation must be an Isolation, not {isolation!r}")
+        return isolation
 
     @staticmethod
     def modules(preload: Iterable[str] | None) -> tuple[str, ...]:
@@ -116,13 +130,19 @@ class StartOptions:
             raise TypeError(f"preload is a list of module names, not the string {preload!r}")
         return tuple(dict.fromkeys(_module_name(name) for name in preload))
 
-    def override(self, method: str | None, preload: Iterable[str] | None) -> StartOptions:
-        """These options with a child's own method and preload, where given."""
-        if method is None and preload is None:
+    def override(
+        self,
+        method: str | None,
+        preload: Iterable[str] | None,
+        isolation: Isolation | None = None,
+    ) -> StartOptions:
+        """These options with a child's own method, preload and isolation, where given."""
+        if method is None and preload is None and isolation is None:
             return self
         return StartOptions(
             method or self.method,  # type: ignore[arg-type]
             self.preload if preload is None else self.modules(preload),
+            self.isolation if isolation is None else self.checked(isolation),
         )
 
 
@@ -270,16 +290,19 @@ def child_env(debug_sleep: float | None) -> dict[str, str]:
     return env
 
 
-async def spawn(*, debug_sleep: float | None = None) -> Spawned:
+async def spawn(*, debug_sleep: float | None = None, isolation: Isolation | None = None) -> Spawned:
     """Start ``python -m nursery_procs._child`` with one end of a socketpair.
 
     The child runs in its own process group, so a terminal's Ctrl-C reaches only
-    the master, which then shuts children down in order.
+    the master, which then shuts children down in order. It confines itself as
+    *isolation* says before it starts its runtime.
     """
     parent_sock, child_sock = link_socketpair()
     try:
         fd = child_sock.fileno()
         argv = [sys.executable, "-m", "nursery_procs._child", str(fd), str(os.getpid())]
+        if isolation is not None and isolation.confines:
+            argv.append(json.dumps(isolation.to_json()))
         process = await trio.lowlevel.open_process(
             argv,
             pass_fds=(fd,),

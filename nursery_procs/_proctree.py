@@ -44,8 +44,19 @@ def _parents() -> dict[int, int]:
     return parents
 
 
+def _proc_is_ours() -> bool:
+    """Whether ``/proc`` shows this process's PID namespace (not so in a new PID
+    namespace until a ``/proc`` of its own is mounted: pids would mean others)."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
 def descendants(root: int) -> list[int]:
     """The pids of *root*'s descendants, nearest first."""
+    if not _proc_is_ours():
+        return []
     children: dict[int, list[int]] = {}
     for pid, ppid in _parents().items():
         children.setdefault(ppid, []).append(pid)
@@ -86,7 +97,7 @@ def kill_tree(root: int, *, root_pidfd: int | None = None, include_root: bool = 
     if include_root:
         _send_root(root, root_pidfd, signal.SIGSTOP)
     order: list[int] = []
-    for _ in range(_MAX_ROUNDS):
+    for _ in range(_MAX_ROUNDS if _proc_is_ours() else 0):
         parents = _parents()
         new = [pid for pid, ppid in parents.items() if ppid in frozen and pid not in frozen]
         if not new:

@@ -16,6 +16,7 @@ server (:mod:`nursery_procs._forkserver`), which then calls
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -34,6 +35,7 @@ from . import _wire
 from ._context import _PARENT, parent_context
 from ._errors import LinkClosed, WireError
 from ._forkserver import exercise_link, receive_assignment
+from ._isolation import PID1_SIGTERM_STATUS, Isolation, isolate
 from ._link import CLOSE_NORMAL, Link, connect_link
 from ._process import DEBUG_SLEEP_ENV
 from ._proctree import become_subreaper, end_descendants, kill_tree, reap_children
@@ -57,11 +59,14 @@ _ending_with: int | None = None
 
 
 def child_main(argv: list[str]) -> NoReturn:
-    """Entry point of an exec'd child (``python -m nursery_procs._child FD PARENT_PID``)."""
+    """Entry point of an exec'd child
+    (``python -m nursery_procs._child FD PARENT_PID [ISOLATION_JSON]``)."""
     try:
         fd = int(argv[1])
         parent_pid = int(argv[2])
         watched = [parent_pidfd(parent_pid)]
+        if len(argv) > 3:
+            isolate(Isolation.from_json(json.loads(argv[3])))
     except BaseException:
         traceback.print_exc()
         os._exit(1)
@@ -78,8 +83,15 @@ class _Forked:
     """
 
     @staticmethod
-    def run(link_fd: int, master_pidfd: int) -> NoReturn:
-        run_child(link_fd, _watch_forked(master_pidfd))
+    def run(link_fd: int, master_pidfd: int, isolation: dict[str, Any] | None) -> NoReturn:
+        watched = _watch_forked(master_pidfd)
+        if isolation is not None:
+            try:
+                isolate(Isolation.from_json(isolation))
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+        run_child(link_fd, watched)
 
     @staticmethod
     def run_spare(channel_fd: int, master_pidfd: int) -> NoReturn:
@@ -178,7 +190,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
     end_descendants(DESCENDANT_GRACE)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
-    os._exit(128 + signal.SIGTERM)  # pragma: no cover - the signal ends the process first
+    # Only pid 1 of a PID namespace gets here (it ignores signals it sends itself):
+    # its relay turns this status back into death by SIGTERM.
+    os._exit(PID1_SIGTERM_STATUS)
 
 
 def _start_orphan_watchdog(watched: list[int]) -> None:
@@ -196,6 +210,7 @@ def _start_orphan_watchdog(watched: list[int]) -> None:
         # survives it: freeze and kill the whole tree below, then this process.
         kill_tree(os.getpid(), include_root=False)
         os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(128 + signal.SIGKILL)  # pid 1 of a namespace ignores its own SIGKILL
 
     threading.Thread(target=watch, name="nursery_procs orphan watchdog", daemon=True).start()
 

@@ -29,6 +29,7 @@ from ._errors import (
 )
 from ._forkserver import ForkServers
 from ._groups import unwrap_sole_exception
+from ._isolation import Isolation, limit_reached, observe
 from ._lifecycle import Lifecycle, Lineage, State
 from ._link import accept_link
 from ._process import (
@@ -96,6 +97,8 @@ class _Incarnation:
     and link."""
 
     life: Lifecycle
+    #: The isolation asked for this incarnation.
+    isolation: Isolation = attrs.field(factory=Isolation)
     pump_scopes: list[trio.CancelScope] = attrs.field(factory=list)
     pumps_cancelled: bool = False
 
@@ -240,6 +243,7 @@ class Supervisor:
         trusted: bool | None = None,
         start_method: str | None = None,
         preload: Iterable[str] | None = None,
+        isolation: Isolation | None = None,
     ) -> Context: ...
 
     @overload
@@ -255,6 +259,7 @@ class Supervisor:
         trusted: bool | None = None,
         start_method: str | None = None,
         preload: Iterable[str] | None = None,
+        isolation: Isolation | None = None,
     ) -> Context: ...
 
     async def start_child(
@@ -269,6 +274,7 @@ class Supervisor:
         trusted: bool | None = None,
         start_method: str | None = None,
         preload: Iterable[str] | None = None,
+        isolation: Isolation | None = None,
     ) -> Context:
         """Start ``target(*args)`` in a new child process; return once it is ready.
 
@@ -306,6 +312,9 @@ class Supervisor:
             preload: for ``"forkserver"``, the modules its fork server has
                 imported before forking (children with different lists come
                 from different fork servers); default the supervisor's.
+            isolation: how the child is confined (resource limits, namespaces,
+                a read-only file system; see :class:`Isolation` and
+                :doc:`security`); default the supervisor's.
 
         Raises:
             ChildStartError: the child exited, broke its handshake, or was not ready
@@ -314,7 +323,8 @@ class Supervisor:
                 not start or died while forking it, the cause is a
                 :class:`ForkServerError`.
             WireError: the target or arguments cannot be pickled.
-            ValueError, TypeError: an unknown start method or a bad preload list.
+            ValueError, TypeError: an unknown start method, a bad preload list or
+                isolation.
             RuntimeError: the supervisor is closed.
 
         **Cancellation:** the half-started child is killed and reaped.
@@ -322,7 +332,7 @@ class Supervisor:
         if self._closed:
             raise RuntimeError("this supervisor is closed")
         restart = Restart(restart)
-        start = self.start_options.override(start_method, preload)
+        start = self.start_options.override(start_method, preload, isolation)
         blob = dump_target(target, args)
         if debug_sleep is None:
             env_value = os.environ.get(DEBUG_SLEEP_ENV)
@@ -426,6 +436,7 @@ class Supervisor:
         trusted: bool | None = None,
         start_method: str | None = None,
         preload: Iterable[str] | None = None,
+        isolation: Isolation | None = None,
     ) -> AbstractAsyncContextManager[Context]: ...
 
     @overload
@@ -441,6 +452,7 @@ class Supervisor:
         trusted: bool | None = None,
         start_method: str | None = None,
         preload: Iterable[str] | None = None,
+        isolation: Isolation | None = None,
     ) -> AbstractAsyncContextManager[Context]: ...
 
     def open_child(
@@ -455,6 +467,7 @@ class Supervisor:
         trusted: bool | None = None,
         start_method: str | None = None,
         preload: Iterable[str] | None = None,
+        isolation: Isolation | None = None,
     ) -> AbstractAsyncContextManager[Context]:
         """Start a child bound to a block: leaving the block shuts it down gracefully.
 
@@ -473,6 +486,7 @@ class Supervisor:
                 trusted=trusted,
                 start_method=start_method,
                 preload=preload,
+                isolation=isolation,
             )
         )
 
@@ -493,7 +507,7 @@ class Supervisor:
         service nursery, so that however this task ends (even cancelled) the
         child's last logs and result are still read while it is wound down here.
         """
-        run = _Incarnation(child.life)
+        run = _Incarnation(child.life, start.isolation)
         life = run.life
         life.started_at = trio.current_time()
         route: Route | None = None
@@ -511,6 +525,8 @@ class Supervisor:
             except _BootFailed as exc:
                 boot_failure = exc
             else:
+                if self._spawner is None:
+                    life.note(isolation=observe(process.pid, start.isolation))
                 life.advance(State.READY)
                 task_status.started(ctx)
                 await life.wait_until(lambda: life.must_stop)
@@ -554,6 +570,10 @@ class Supervisor:
                     life.shutdown_sent = True
                 returncode = await kill_and_reap(process)
             life.note(returncode=returncode)
+            error = life.outcome[1] if life.outcome and life.target_failed else None
+            reached = limit_reached(run.isolation, returncode, error)
+            if reached is not None:
+                life.note(fault=reached)
         if life.link is not None:
             if life.said_ready:
                 # What the child sent before it exited (its result, its last log
@@ -570,8 +590,10 @@ class Supervisor:
     async def _launch(self, *, debug_sleep: float | None, start: StartOptions) -> Spawned:
         """The default spawner: a fresh interpreter, or a fork from a fork server."""
         if start.method == "forkserver":
-            return await self._forkservers.spawn(start.preload, debug_sleep=debug_sleep)
-        return await spawn(debug_sleep=debug_sleep)
+            return await self._forkservers.spawn(
+                start.preload, debug_sleep=debug_sleep, isolation=start.isolation
+            )
+        return await spawn(debug_sleep=debug_sleep, isolation=start.isolation)
 
     async def _spawn_process(self, life: Lifecycle, start: StartOptions) -> Spawned:
         debug_sleep = life.debug_sleep or None
@@ -779,6 +801,7 @@ async def open_supervisor(
     trusted: bool | None = None,
     start_method: str | None = None,
     preload: Iterable[str] | None = None,
+    isolation: Isolation | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Open a supervisor: every child started in it is shut down and reaped before
     the block exits.
@@ -808,6 +831,8 @@ async def open_supervisor(
         preload: modules the fork server imports before it forks (``"__main__"``
             for the main script or module); the server starts at once, so that
             one that fails to import fails here.
+        isolation: how children are confined unless
+            :meth:`~Supervisor.start_child` says otherwise (see :class:`Isolation`).
 
     Raises:
         ForkServerError: the fork server could not start (for example a
@@ -819,7 +844,7 @@ async def open_supervisor(
     SIGTERM and SIGKILL as needed, and is reaped. Children are closed concurrently.
     An exception from the block propagates as itself, not wrapped in a group.
     """
-    start = StartOptions.build(start_method, preload)
+    start = StartOptions.build(start_method, preload, isolation)
     router = current_router()
     if not siblings_may_talk:
         router.siblings_may_talk = False

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -162,3 +163,57 @@ async def descendants_then_wait() -> None:
 
 def die_now() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def connect(port: int) -> str:
+    """Open a TCP connection to 127.0.0.1:*port*; ``"connected"`` or the error."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return "connected"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def write_file(path: str) -> str:
+    """Write *path*; ``"written"`` or the error."""
+    try:
+        with open(path, "w") as file:
+            file.write("from the child\n")
+    except OSError as exc:
+        return f"{type(exc).__name__}: errno {exc.errno}"
+    return "written"
+
+
+def allocate_forever() -> None:
+    """Allocate 32 MiB at a time, touching it, until something stops it."""
+    hoard = []
+    while True:
+        hoard.append(bytearray(32 << 20))
+
+
+def spin_forever() -> None:
+    while True:
+        pass
+
+
+def open_until_refused() -> tuple[int, str]:
+    """Open /dev/null until the kernel refuses; how many, and the error."""
+    opened = []
+    try:
+        while True:
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        return len(opened), f"{type(exc).__name__}: errno {exc.errno}"
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def process_view() -> tuple[int, list[int], str, str]:
+    """This process's pid, the pids it can see, its uid map and NoNewPrivs."""
+    pids = sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+    with open("/proc/self/uid_map") as uid_map:
+        mapping = " ".join(uid_map.read().split())
+    with open("/proc/self/status") as status:
+        no_new_privs = next(line.split()[1] for line in status if line.startswith("NoNewPrivs"))
+    return os.getpid(), pids, mapping, no_new_privs
