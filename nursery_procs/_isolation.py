@@ -348,7 +348,10 @@ def observe(pid: int, asked: Isolation) -> Isolation:
     if not asked.confines:
         return Isolation()
     if asked.pid and _namespace(pid, "pid") != _namespace(pid, "pid_for_children"):
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:  # the relay is gone already
+            children = []
         pid = int(children[0]) if children else pid
 
     def differs(name: str) -> bool:

@@ -78,6 +78,22 @@ def direct_children(pid: int) -> list[int]:
         return []
 
 
+def has_children() -> bool:
+    """Whether this process has a child (made by any of its threads, or adopted)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as listing:
+                if listing.read().strip():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -174,6 +190,10 @@ def end_descendants(grace: float) -> None:
     Orphans of killed descendants are reparented to this process as they die,
     so the reaping goes on until this process has no child left.
     """
+    if not has_children():
+        # A subreaper with no child has no descendant: any orphan below it
+        # would have been adopted by it. (Saves walking all of /proc.)
+        return
     me = os.getpid()
     pids = descendants(me)
     if pids:

@@ -1,8 +1,8 @@
 """The child's side: bootstrap from the inherited socket, run the target, obey SHUTDOWN.
 
 Run as ``python -m nursery_procs._child FD PARENT_PID``, or forked by a fork
-server (:mod:`nursery_procs._forkserver`), which then calls
-:func:`forked_child_main`. The life of a child, from the moment it has its link:
+server (:mod:`nursery_procs._forkserver`), which then runs :data:`FORKED`. The
+life of a child, from the moment it has its link (:func:`run_child`):
 
 1. connect the WebSocket link over fd ``FD`` (the child is the client);
 2. read the bootstrap spec (id, name, ``sys.path``, target, log level);
