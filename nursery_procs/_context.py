@@ -660,6 +660,14 @@ class Context(trio.abc.Channel[Any]):
         """Whether the child has exited and been reaped."""
         return self._lineage().current.exited
 
+    def process_exited(self) -> bool:
+        """Whether the child's process has exited, asking the kernel now: true
+        as soon as it is dead, before it is reaped (whoever reaps it: this
+        process, or the fork server that forked it). Never blocks; ``False``
+        before it started."""
+        process = self._lineage().current.process
+        return process is not None and process.poll_exited()
+
     async def wait(self) -> Any:
         """Wait for the child to exit and return its target's return value.
 

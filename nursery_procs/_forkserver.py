@@ -63,7 +63,15 @@ from . import _wire
 from ._errors import ForkServerError
 from ._isolation import Isolation
 from ._link import Link, accept_link, connect_link
-from ._process import Policy, Spawned, child_env, escalate, link_socketpair, socket_stream
+from ._process import (
+    Policy,
+    Spawned,
+    child_env,
+    escalate,
+    link_socketpair,
+    pidfd_readable,
+    socket_stream,
+)
 from ._proctree import become_subreaper, direct_children, kill_group, kill_tree
 from ._spec import load_main_module, main_module_spec
 from ._stdio import new_tail, pump_lines
@@ -599,6 +607,10 @@ class ForkedProcess:
         """SIGKILL the child and every process below it (frozen first)."""
         if self.returncode is None:
             kill_tree(self.pid, root_pidfd=self._pidfd)
+
+    def poll_exited(self) -> bool:
+        # Reaped by the fork server or not, its pidfd says so at once.
+        return self.returncode is not None or pidfd_readable(self._pidfd)
 
     async def wait(self) -> int:
         """Wait until the fork server has reaped the child; its exit status.

@@ -20,7 +20,7 @@ import trio
 
 from ._isolation import Isolation
 from ._link import Link
-from ._process import Policy
+from ._process import ChildProcess, Policy
 from ._stdio import new_tail
 
 
@@ -115,6 +115,8 @@ class Lifecycle:
     kill_requested: bool = False
     #: The isolation in force, as seen from outside once it was ready.
     isolation: Isolation | None = None
+    #: The process (to ask the kernel whether it has exited before anyone noticed).
+    process: ChildProcess | None = None
 
     # -- the runner's writes -------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -197,11 +198,21 @@ async def kill_and_reap(process: ProcessLike) -> int:
 class ChildProcess(ProcessLike, Protocol):
     """A started child process: what escalation needs, and its output pipes."""
 
+    def poll_exited(self) -> bool:
+        """Whether it has exited, asking the kernel now: true as soon as it is
+        dead, before anyone reaped it or reported it. Never blocks."""
+
     @property
     def stdout(self) -> trio.abc.ReceiveStream | None: ...
 
     @property
     def stderr(self) -> trio.abc.ReceiveStream | None: ...
+
+
+def pidfd_readable(pidfd: int) -> bool:
+    """Whether the process of *pidfd* has exited (reaped or not), without waiting."""
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return bool(readable)
 
 
 @attrs.define(eq=False)
@@ -243,6 +254,9 @@ class ExecProcess:
         """SIGKILL the child and every process below it (frozen first)."""
         if self.returncode is None:
             kill_tree(self.pid, root_pidfd=self._pidfd)
+
+    def poll_exited(self) -> bool:
+        return self.returncode is not None or pidfd_readable(self._pidfd)
 
     async def wait(self) -> int:
         """Wait until the child exits; kill the rest of its group; reap it.

@@ -518,7 +518,7 @@ class Supervisor:
             try:
                 spawned = await self._spawn_process(life, start)
                 process = spawned.process
-                life.note(pid=process.pid)
+                life.note(pid=process.pid, process=process)
                 drained = _start_pipes(self._service, run, process)
                 self._service.start_soon(_watch_exit, process, life)
                 route = await self._boot(ctx, run, spawned, blob)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -720,8 +721,16 @@ async def test_statistics_count_every_child_once(autojump_clock: trio.abc.Clock)
 
 def wait_until_dead_unreaped(pid: int) -> None:
     """Block (this thread, so no Trio task runs meanwhile) until the kernel says
-    our child *pid* has exited, leaving it for its supervisor to reap."""
-    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    the child *pid* has exited, reaped or not (a pidfd: whoever its parent is,
+    this process or a fork server)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # reaped already, by its fork server
+        return
+    try:
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
 
 
 async def test_real_session_child_killed_between_two_users() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -52,8 +53,16 @@ class Calls:
 
 def wait_until_dead_unreaped(pid: int) -> None:
     """Block (this thread, so no Trio task runs meanwhile) until the kernel says
-    our child *pid* has exited, leaving it for its supervisor to reap."""
-    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    the child *pid* has exited, reaped or not (a pidfd: whoever its parent is,
+    this process or a fork server)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # reaped already, by its fork server
+        return
+    try:
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
 
 
 async def run_all(workers: WorkerPool, count: int) -> list[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import os
 from collections import Counter
 from collections.abc import Iterator
 
@@ -52,22 +51,9 @@ class Slot:
             ctx is not None
             and ctx.state is State.READY
             and self.state is not SlotState.GONE
-            and not _exited_unnoticed(ctx.pid)
+            # A child just killed may not be reaped yet; the kernel knows already.
+            and not ctx.process_exited()
         )
-
-
-def _exited_unnoticed(pid: int | None) -> bool:
-    """Whether our child *pid* has exited though nobody reaped it yet.
-
-    A child that was just killed may not have been reaped by its supervisor yet;
-    the kernel knows already. ``WNOWAIT`` leaves it for the supervisor to reap.
-    """
-    if pid is None:
-        return False
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # not a child of this process (a fake, or reaped)
-        return False
 
 
 class Slots:

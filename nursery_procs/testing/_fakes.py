@@ -88,6 +88,9 @@ class FakeProcess:
         self.signals.append((signal.SIGKILL, trio.current_time()))
         self.exit(-signal.SIGKILL)
 
+    def poll_exited(self) -> bool:
+        return self.returncode is not None
+
 
 Spawner = Callable[..., Awaitable[Spawned]]
 #: How a fake child answers ``ctx.call(fn, *args)``: called with ``fn`` (a function
