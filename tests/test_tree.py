@@ -154,6 +154,7 @@ async def test_sigkill_of_an_intermediary_fails_requests_and_leaves_no_orphan() 
         with trio.fail_after(10):  # about a second by design; room for a loaded machine
             for pid in leaf_pids:
                 await wait_process_gone(pid)
+            await middle.wait_exited()  # its route (and those below it) withdrawn
         assert all(sup.context_by_name(n) is None for n in ("n.0", "n.0.0", "n.0.1"))
         other = sup.context_by_name("n.1.1")
         assert other is not None and await other.request("ok") == "ok"
