@@ -162,6 +162,9 @@ class _Peer(Protocol):
     def kill(self, why: str) -> None:
         """Kill the process at once (children this process owns only)."""
 
+    async def wait_exited(self) -> int | None:
+        """Wait until the context is gone; its exit status if known here."""
+
     async def aclose(self) -> None: ...
 
 
@@ -211,6 +214,11 @@ class OwnedChild:
             _wire.make_data(self.context_id, router.id, Handle.SHUTDOWN, None)
         )
 
+    async def wait_exited(self) -> int | None:
+        life = self.life
+        await life.wait_for_state(State.EXITED)
+        return life.returncode
+
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Ask for a graceful stop and wait until reaped (shielded, bounded)."""
@@ -248,6 +256,9 @@ class _Remote:
         if self.context_id == router.id or router.knows(self.context_id):
             return State.READY
         return State.EXITED
+
+    async def wait_exited(self) -> None:
+        await self.router.wait_gone(self.context_id)
 
     async def aclose(self) -> None:
         """SHUTDOWN through the tree, then wait until its parent has reaped it and
@@ -292,6 +303,9 @@ class _Parent:
     def state(self) -> State:
         route = self.router.parent_route
         return State.EXITED if route is None or route.link.closed else State.READY
+
+    async def wait_exited(self) -> None:
+        raise RuntimeError("a child cannot wait for its parent to exit")
 
     async def aclose(self) -> None:
         raise RuntimeError("a child cannot close its parent")
@@ -647,13 +661,18 @@ class Context(trio.abc.Channel[Any]):
             raise self._died(str(exc)) from None
 
     async def wait_exited(self) -> int | None:
-        """Wait until the child has exited and been reaped; return its exit status.
+        """Wait until the context has exited; return its exit status if known here.
 
-        Never raises for the child's sake (compare :meth:`wait`).
+        For a child this process started: until it has been reaped, with its exit
+        status. For a context deeper in the tree: until its parent has reaped it
+        and withdrawn its route (``None``: the status is known only there).
+
+        Never raises for the context's sake (compare :meth:`wait`).
+
+        Raises:
+            RuntimeError: this is the parent's handle.
         """
-        life = self._lineage().current
-        await life.wait_for_state(State.EXITED)
-        return life.returncode
+        return await self._peer.wait_exited()
 
     @property
     def has_exited(self) -> bool:
