@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TypeVarTuple, overload
+from typing import Any, TypedDict, TypeVarTuple
 
 import attrs
 import trio
@@ -52,6 +52,18 @@ from ._wire import Handle, Message
 log = logging.getLogger("nursery_procs.supervisor")
 
 Ts = TypeVarTuple("Ts")
+
+
+class ChildOptions(TypedDict, total=False):
+    """How to start children: the options a pool passes to
+    :meth:`Supervisor.start_child` for each of its children (``None``: the
+    supervisor's setting)."""
+
+    policy: Policy | None
+    trusted: bool | None
+    start_method: str | None
+    preload: Iterable[str] | None
+    isolation: Isolation | None
 
 
 class Restart(enum.Enum):
@@ -230,38 +242,6 @@ class Supervisor:
                 return handle_for(info.id, self.policy)
         return None
 
-    @overload
-    async def start_child(
-        self,
-        target: Callable[[*Ts], object],
-        *args: *Ts,
-        name: str | None = None,
-        policy: Policy | None = None,
-        debug_sleep: float | None = None,
-        restart: Restart | str = Restart.TEMPORARY,
-        raise_on_crash: bool = True,
-        trusted: bool | None = None,
-        start_method: str | None = None,
-        preload: Iterable[str] | None = None,
-        isolation: Isolation | None = None,
-    ) -> Context: ...
-
-    @overload
-    async def start_child(
-        self,
-        target: str | None = None,
-        *args: object,
-        name: str | None = None,
-        policy: Policy | None = None,
-        debug_sleep: float | None = None,
-        restart: Restart | str = Restart.TEMPORARY,
-        raise_on_crash: bool = True,
-        trusted: bool | None = None,
-        start_method: str | None = None,
-        preload: Iterable[str] | None = None,
-        isolation: Isolation | None = None,
-    ) -> Context: ...
-
     async def start_child(
         self,
         target: Callable[[*Ts], object] | str | None = None,
@@ -422,38 +402,6 @@ class Supervisor:
         child_logger(life.name).warning(
             "restarting child %r after it exited (%s)", life.name, describe_exit(life.returncode)
         )
-
-    @overload
-    def open_child(
-        self,
-        target: Callable[[*Ts], object],
-        *args: *Ts,
-        name: str | None = None,
-        policy: Policy | None = None,
-        debug_sleep: float | None = None,
-        restart: Restart | str = Restart.TEMPORARY,
-        raise_on_crash: bool = True,
-        trusted: bool | None = None,
-        start_method: str | None = None,
-        preload: Iterable[str] | None = None,
-        isolation: Isolation | None = None,
-    ) -> AbstractAsyncContextManager[Context]: ...
-
-    @overload
-    def open_child(
-        self,
-        target: str | None = None,
-        *args: object,
-        name: str | None = None,
-        policy: Policy | None = None,
-        debug_sleep: float | None = None,
-        restart: Restart | str = Restart.TEMPORARY,
-        raise_on_crash: bool = True,
-        trusted: bool | None = None,
-        start_method: str | None = None,
-        preload: Iterable[str] | None = None,
-        isolation: Isolation | None = None,
-    ) -> AbstractAsyncContextManager[Context]: ...
 
     def open_child(
         self,

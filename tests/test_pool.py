@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 import pytest
+import targets
 import trio
 import trio.testing
 
@@ -784,3 +785,18 @@ async def test_real_take_skips_an_idle_child_killed_a_moment_ago() -> None:
                 assert ctx is not victim
                 assert await ctx.call(os.getpid) == ctx.pid
             assert pool.statistics().idle_deaths == 1
+
+
+async def test_a_pool_passes_its_child_options_to_every_child() -> None:
+    isolation = nursery_procs.Isolation(network=True, allow_fallback=True)
+    async with (
+        nursery_procs.open_supervisor() as sup,
+        nursery_procs.open_pool(
+            sup, None, spare=1, start_method="exec", isolation=isolation, trusted=False
+        ) as pool,
+        pool.take() as ctx,
+    ):
+        # trusted=False: what the child sends arrives as data (a tuple as a list).
+        assert await ctx.call(targets.returns, (1, 2)) == [1, 2]
+        assert ctx.statistics().isolation is not None
+        assert ctx.statistics().isolation.network

@@ -21,7 +21,7 @@ import trio
 from .._errors import ChildStartError, PoolClosed, PoolEmpty, WireError
 from .._process import Policy, describe_exit
 from .._spec import Target
-from .._supervisor import Supervisor
+from .._supervisor import ChildOptions, Supervisor
 from ._settings import PoolSettings
 from ._slots import Slot, Slots, SlotState
 
@@ -96,8 +96,7 @@ class SlotKeeper:
         *,
         name: str,
         settings: PoolSettings,
-        policy: Policy | None,
-        trusted: bool | None = None,
+        options: ChildOptions,
     ) -> None:
         self.name = name
         self.supervisor = supervisor
@@ -107,8 +106,7 @@ class SlotKeeper:
         self.on_exit: Callable[[Slot], None] = lambda slot: None
         self._target = target
         self._args = args
-        self._policy = policy
-        self._trusted = trusted
+        self._options = options
         self._nursery: trio.Nursery | None = None
         self._maintainer = trio.CancelScope()
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -137,7 +135,7 @@ class SlotKeeper:
     @property
     def policy(self) -> Policy:
         """The children's policy."""
-        return self._policy or self.supervisor.policy
+        return self._options.get("policy") or self.supervisor.policy
 
     # -- changing state --------------------------------------------------------
 
@@ -368,9 +366,8 @@ class SlotKeeper:
                 self._target,
                 *self._args,
                 name=slot.name,
-                policy=self._policy,
                 raise_on_crash=False,
-                trusted=self._trusted,
+                **self._options,
             )
         except (ChildStartError, WireError, OSError) as exc:
             self.move(slot, SlotState.GONE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import weakref
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
 from typing import TypeVarTuple
@@ -21,9 +21,10 @@ import trio
 
 from .._context import Context
 from .._groups import unwrap_sole_exception
+from .._isolation import Isolation
 from .._process import Policy
 from .._spec import Target, dump_target
-from .._supervisor import Supervisor
+from .._supervisor import ChildOptions, Supervisor
 from ._keeper import SlotKeeper
 from ._sessions import Sessions
 from ._settings import PoolSettings, PoolStatistics
@@ -303,8 +304,7 @@ async def run_keeper(
     *,
     name: str | None,
     settings: PoolSettings,
-    policy: Policy | None,
-    trusted: bool | None = None,
+    options: ChildOptions,
     default_name: str = "pool",
 ) -> AsyncIterator[tuple[Pool, SlotKeeper]]:
     """Open a pool's nursery and keeper, register it, and close it on the way out."""
@@ -312,9 +312,7 @@ async def run_keeper(
         raise TypeError(f"supervisor must be a Supervisor, not {supervisor!r}")
     dump_target(target, args)  # fail now, not in every start
     name = _unique_name(supervisor, name, default_name)
-    keeper = SlotKeeper(
-        supervisor, target, args, name=name, settings=settings, policy=policy, trusted=trusted
-    )
+    keeper = SlotKeeper(supervisor, target, args, name=name, settings=settings, options=options)
     pool = Pool(keeper)
     _registry(supervisor)[name] = pool
     try:
@@ -345,6 +343,9 @@ def open_pool(
     backoff_max: float = 30.0,
     policy: Policy | None = None,
     trusted: bool | None = None,
+    start_method: str | None = None,
+    preload: Iterable[str] | None = None,
+    isolation: Isolation | None = None,
 ) -> AbstractAsyncContextManager[Pool]:
     """Open a pool of prespawned children of *supervisor*, running ``target(*args)``.
 
@@ -369,6 +370,9 @@ def open_pool(
         policy: the children's :class:`Policy` (default: the supervisor's).
         trusted: ``False`` for children whose messages must never be unpickled
             (see :meth:`Supervisor.start_child`; default: the supervisor's).
+        start_method: ``"exec"`` or ``"forkserver"`` (default: the supervisor's).
+        preload: modules the fork server imports before forking the children.
+        isolation: the children's :class:`Isolation` (default: the supervisor's).
 
     The settings make one :class:`PoolSettings`, validated as a whole.
 
@@ -403,9 +407,14 @@ def open_pool(
         backoff_initial=backoff_initial,
         backoff_max=backoff_max,
     )
-    return _open_pool(
-        supervisor, target, args, name=name, settings=settings, policy=policy, trusted=trusted
+    options = ChildOptions(
+        policy=policy,
+        trusted=trusted,
+        start_method=start_method,
+        preload=preload,
+        isolation=isolation,
     )
+    return _open_pool(supervisor, target, args, name=name, settings=settings, options=options)
 
 
 @asynccontextmanager
@@ -416,10 +425,9 @@ async def _open_pool(
     *,
     name: str | None,
     settings: PoolSettings,
-    policy: Policy | None,
-    trusted: bool | None,
+    options: ChildOptions,
 ) -> AsyncIterator[Pool]:
     async with run_keeper(
-        supervisor, target, args, name=name, settings=settings, policy=policy, trusted=trusted
+        supervisor, target, args, name=name, settings=settings, options=options
     ) as (pool, _):
         yield pool

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar, TypeVarTuple, overload
 
 import trio
 
+from .._isolation import Isolation
 from .._process import Policy
-from .._supervisor import Supervisor
+from .._supervisor import ChildOptions, Supervisor
 from ._keeper import SlotKeeper
 from ._prespawn import Pool, run_keeper
 from ._settings import PoolSettings, PoolStatistics, check_whole_number
@@ -165,6 +166,10 @@ def open_worker_pool(
     backoff_initial: float = 0.1,
     backoff_max: float = 30.0,
     policy: Policy | None = None,
+    trusted: bool | None = None,
+    start_method: str | None = None,
+    preload: Iterable[str] | None = None,
+    isolation: Isolation | None = None,
 ) -> AbstractAsyncContextManager[WorkerPool]:
     """Open a pool of worker processes of *supervisor* for :meth:`WorkerPool.run`.
 
@@ -186,6 +191,11 @@ def open_worker_pool(
             after each further failure).
         backoff_max: the longest delay between attempts.
         policy: the workers' :class:`Policy` (default: the supervisor's).
+        trusted: ``False`` for workers whose messages must never be unpickled
+            (see :meth:`Supervisor.start_child`; default: the supervisor's).
+        start_method: ``"exec"`` or ``"forkserver"`` (default: the supervisor's).
+        preload: modules the fork server imports before forking the workers.
+        isolation: the workers' :class:`Isolation` (default: the supervisor's).
 
     Raises:
         ValueError: a setting out of range (named in the message): ``limit < 1``,
@@ -217,7 +227,14 @@ def open_worker_pool(
     )
     if spare > limit:
         raise ValueError(f"spare ({spare!r}) must not be more than limit ({limit!r})")
-    return _open_worker_pool(supervisor, name, settings, policy, limit, max_uses)
+    options = ChildOptions(
+        policy=policy,
+        trusted=trusted,
+        start_method=start_method,
+        preload=preload,
+        isolation=isolation,
+    )
+    return _open_worker_pool(supervisor, name, settings, options, limit, max_uses)
 
 
 @asynccontextmanager
@@ -225,7 +242,7 @@ async def _open_worker_pool(
     supervisor: Supervisor,
     name: str | None,
     settings: PoolSettings,
-    policy: Policy | None,
+    options: ChildOptions,
     limit: int,
     max_uses: int | None,
 ) -> AsyncIterator[WorkerPool]:
@@ -236,6 +253,6 @@ async def _open_worker_pool(
         name=name,
         default_name="workers",
         settings=settings,
-        policy=policy,
+        options=options,
     ) as (pool, keeper):
         yield WorkerPool(pool, keeper, trio.CapacityLimiter(limit), max_uses)

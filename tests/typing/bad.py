@@ -19,7 +19,7 @@ async def main(ctx: nursery_procs.Context, sup: nursery_procs.Supervisor) -> Non
     await ctx.call(square)  # E: arg-type
     text: str = await ctx.call(square, 2)  # E: arg-type
     print(text)
-    await sup.start_child(None, nmae="typo")  # E: call-overload
+    await sup.start_child(None, nmae="typo")  # E: call-arg
     await sup.start_child(square, "not an int")  # E: arg-type
     async with sup.open_child(greet, 2, name="x"):  # E: arg-type
         pass
