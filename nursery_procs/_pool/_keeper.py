@@ -114,9 +114,12 @@ class SlotKeeper:
         self.counters = Counters()
         self._number = 0
         self._wake = trio.Event()
-        #: When the maintenance task looks again unless kicked.
-        self._sleeping_until = -math.inf
-        self._changed = trio.Event()
+        # The maintainer's sleep: its deadline is when a policy is next due. Moved
+        # earlier in place (no wake-up) when a child given back will time out first.
+        self._sleep: trio.CancelScope | None = None
+        # Set when a slot changes state, for whoever waits for that (made on demand:
+        # a state change is on every take's path, and usually nobody waits).
+        self._changed: trio.Event | None = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -130,6 +133,8 @@ class SlotKeeper:
             raise PoolClosed(f"pool {self.name!r} is closed")
 
     async def wait_changed(self) -> None:
+        if self._changed is None:
+            self._changed = trio.Event()
         await self._changed.wait()
 
     @property
@@ -141,8 +146,12 @@ class SlotKeeper:
 
     def move(self, slot: Slot, state: SlotState) -> None:
         self.slots.move(slot, state)
-        self._changed.set()
-        self._changed = trio.Event()
+        self._notify_changed()
+
+    def _notify_changed(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def kick(self) -> None:
         """Ask the maintenance task to look again."""
@@ -232,8 +241,10 @@ class SlotKeeper:
         else:
             self.move(slot, SlotState.IDLE)
             timeout = self.settings.idle_timeout
-            if timeout is not None and slot.since + timeout < self._sleeping_until:
-                self.kick()  # its idle timeout is due before the maintainer looks again
+            sleep = self._sleep
+            if timeout is not None and sleep is not None:
+                # Its idle timeout may be due before the maintainer looks again.
+                sleep.deadline = min(sleep.deadline, slot.since + timeout)
 
     async def stop(self, slot: Slot) -> None:
         """Shut the slot's child down and wait until it is reaped (shielded)."""
@@ -306,10 +317,9 @@ class SlotKeeper:
                     now = trio.current_time()
                     self._retire_over_max()
                     deadline = min(self._meet_demand(starts, now), self._retire_idle(now))
-                    self._sleeping_until = deadline
-                    with trio.move_on_at(deadline):
+                    with trio.move_on_at(deadline) as self._sleep:
                         await self._wake.wait()
-                    self._sleeping_until = -math.inf
+                    self._sleep = None
 
     def _meet_demand(self, starts: trio.Nursery, now: float) -> float:
         """Start the children that spare and waiters need, within max; while
@@ -414,7 +424,7 @@ class SlotKeeper:
         self._waiters.clear()
         self._maintainer.cancel()
         before_closing()
-        self._changed.set()
+        self._notify_changed()
         async with trio.open_nursery() as nursery:
             for slot in self.slots:
                 if slot.state in (SlotState.IDLE, SlotState.SESSION):
