@@ -13,11 +13,13 @@ import attrs
 import trio
 
 from . import _wire
+from ._answering import ANY_SOURCE
+from ._asking import OnCancel
 from ._errors import ContextDied, LinkClosed
 from ._isolation import Isolation
 from ._lifecycle import Lifecycle, Lineage, State
 from ._process import Policy
-from ._router import ANY_SOURCE, OnCancel, Router, current_router
+from ._router import Router, current_router
 from ._wire import Handle
 
 log = logging.getLogger("nursery_procs.context")
@@ -100,14 +102,14 @@ async def serve_requests(
     """
     router = current_router()
     async with trio.open_nursery() as nursery:
-        router.serve_requests(ANY_SOURCE, handler, nursery)
+        router.answering.serve(ANY_SOURCE, handler, nursery)
         try:
-            for msg in router.queued_requests():
-                await router.answer_soon(msg, handler, nursery, None)
+            for msg in router.answering.queued():
+                await router.answering.answer_soon(msg, handler, nursery, None)
             task_status.started()
             await trio.sleep_forever()
         finally:
-            router.stop_serving_requests(ANY_SOURCE)
+            router.answering.stop(ANY_SOURCE)
 
 
 def in_child() -> bool:
@@ -339,8 +341,8 @@ class Context(trio.abc.Channel[Any]):
 
     def reopen_inboxes(self) -> None:
         """Read this context's messages from fresh inboxes (a restarted child's)."""
-        self._inbox = self._router.inbox(self.id, Handle.CHANNEL)
-        self._requests = self._router.inbox(self.id, Handle.REQUEST)
+        self._inbox = self._router.inboxes.inbox(self.id, Handle.CHANNEL)
+        self._requests = self._router.inboxes.inbox(self.id, Handle.REQUEST)
 
     def __repr__(self) -> str:
         return f"<Context {self.id} {self.name!r} {self.state.value} pid={self.pid}>"
@@ -467,7 +469,7 @@ class Context(trio.abc.Channel[Any]):
         """
         self._check_alive()
         with self._link_errors():
-            return await self._router.request(
+            return await self._router.asking.request(
                 self.id,
                 Handle.REQUEST,
                 obj,
@@ -557,7 +559,7 @@ class Context(trio.abc.Channel[Any]):
             on_cancel = OnCancel.CANCEL
         with self._link_errors():
             try:
-                return await self._router.request(
+                return await self._router.asking.request(
                     self.id,
                     Handle.CALL,
                     (fn, args, {}, on_loop),
@@ -609,14 +611,14 @@ class Context(trio.abc.Channel[Any]):
                 except trio.EndOfChannel:
                     task_status.started()
                     return
-                await router.answer_soon(msg, handler, nursery, None)
-            router.serve_requests(self.id, handler, nursery)
+                await router.answering.answer_soon(msg, handler, nursery, None)
+            router.answering.serve(self.id, handler, nursery)
             task_status.started()
             try:
                 async for msg in self._requests:  # ends when the context is gone
-                    await router.answer_soon(msg, handler, nursery, None)
+                    await router.answering.answer_soon(msg, handler, nursery, None)
             finally:
-                router.stop_serving_requests(self.id)
+                router.answering.stop(self.id)
 
     # -- lifetime (children you started) -------------------------------------
 

@@ -9,41 +9,34 @@ cannot be delivered is answered with a *dead* reply so that nobody waits on it.
 
 from __future__ import annotations
 
-import enum
-import functools
-import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 
 from . import _wire
+from ._answering import Answering
+from ._asking import UNSENDABLE, Asking
 from ._errors import (
     ContextDied,
     LinkClosed,
     MessageUndeliverable,
     WireError,
 )
+from ._inboxes import Inboxes
 from ._link import CLOSE_PROTOCOL_ERROR, Link
-from ._remote import failed, rebuild
 from ._wire import Handle, Message
 
 log = logging.getLogger("nursery_procs.router")
 
 ROOT_ID = 0
-#: ``serve_requests`` key for a server answering requests from every context.
-ANY_SOURCE = -1
 _ROUTER: trio.lowlevel.RunVar[Router] = trio.lowlevel.RunVar("nursery_procs.router")
 _CHILD_CONTROL = frozenset((Handle.RESULT, Handle.LOG, Handle.READY))
 #: How many ids the root hands out at once to a context that starts children.
 ID_BLOCK_SIZE = 64
 
-
-#: What :meth:`Router.send` raises when a message cannot leave this process.
-UNSENDABLE: Final = (LinkClosed, MessageUndeliverable, WireError)
 
 #: A message handler: sync, or returning an awaitable that the link's pump awaits.
 Handler = Callable[["Message", "Route | None"], Awaitable[None] | None]
@@ -86,50 +79,6 @@ class ContextInfo:
     pid: int
 
 
-#: The payload of a reply that acknowledges a cancellation: the work was cancelled.
-_CANCELLED: Final = (None, "cancelled")
-#: ... or: the work cannot be interrupted (a sync function); its reply follows.
-_DEFERRED: Final = (None, "deferred")
-
-
-@attrs.define(eq=False)
-class _Pending:
-    dst_id: int
-    event: trio.Event = attrs.field(factory=trio.Event)
-    #: Set once settled, or once the other side said the work cannot be interrupted.
-    noted: trio.Event = attrs.field(factory=trio.Event)
-    deferred: bool = False
-    result: Any = None
-    error: BaseException | None = None
-
-    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        if not self.event.is_set():
-            self.result = result
-            self.error = error
-            self.event.set()
-            self.noted.set()
-
-    def defer(self) -> None:
-        self.deferred = True
-        self.noted.set()
-
-
-class OnCancel(enum.Enum):
-    """What a cancelled :meth:`Router.request` does about the work it started."""
-
-    #: Tell the destination to cancel the work, and wait for it to say it did.
-    CANCEL = "cancel"
-    #: Wait for the work to finish (it cannot be interrupted), then raise.
-    WAIT = "wait"
-    #: Return at once: the caller deals with the work (for example kills its process).
-    ABANDON = "abandon"
-
-
-class CancelledRemotely(Exception):
-    """The other side acknowledged the cancellation of a request (never raised to
-    users: their own ``Cancelled`` is)."""
-
-
 def current_router() -> Router:
     """This process's router (the root router, id 0, unless this is a child)."""
     try:
@@ -159,33 +108,25 @@ class Router:
         self.parent_route: Route | None = None
         self._routes: dict[int, Route] = {}
         self._handlers: dict[int, Handler] = {}
-        self._request_servers: dict[int, tuple[Callable[[Any], Any], trio.Nursery]] = {}
-        self._pending: dict[int, _Pending] = {}
         self._next_handle = _wire.FIRST_DYNAMIC_HANDLE
-        self._inboxes: dict[
-            tuple[int, int],
-            tuple[trio.MemorySendChannel[Message], trio.MemoryReceiveChannel[Message]],
-        ] = {}
         self._next_id = 1
         self._id_block: list[int] = []
         self._id_lock = trio.Lock()
         #: Contexts this router knows about (its subtree; for the root, the whole tree).
         self.directory: dict[int, ContextInfo] = {}
         self._gone_waiters: dict[int, trio.Event] = {}
-        #: Requests being answered here, by ``(requester, reply_to)``: their scopes,
-        #: and whether the work is a sync function (which cannot be interrupted).
-        self._answering: dict[tuple[int, int], tuple[trio.CancelScope, bool]] = {}
-        #: Requests waiting in an inbox, and those among them already cancelled.
-        self._queued: set[tuple[int, int]] = set()
-        self._cancelled: set[tuple[int, int]] = set()
-        #: Reply handles whose caller stopped waiting: a late reply is dropped quietly.
-        self._abandoned: set[int] = set()
+        #: User messages waiting to be read.
+        self.inboxes = Inboxes()
+        #: The requests this context waits on ...
+        self.asking = Asking(self)
+        #: ... and those it answers.
+        self.answering = Answering(self, self.inboxes)
         self._handlers[Handle.ADD_ROUTE] = self._on_add_route
         self._handlers[Handle.DEL_ROUTE] = self._on_del_route
         self._handlers[Handle.DEAD] = self._on_dead_notice
         self._handlers[Handle.CHANNEL] = self._to_inbox
-        self._handlers[Handle.REQUEST] = self._on_request
-        self._handlers[Handle.CANCEL] = self._on_cancel
+        self._handlers[Handle.REQUEST] = self.answering.on_request
+        self._handlers[Handle.CANCEL] = self.answering.on_cancel
         if context_id == ROOT_ID:
             self._handlers[Handle.ALLOCATE_ID] = self._on_allocate_id
 
@@ -202,157 +143,16 @@ class Router:
         """
         self._handlers[handle] = handler
 
-    def serve_requests(
-        self, src_id: int, handler: Callable[[Any], Any], nursery: trio.Nursery
-    ) -> None:
-        """Answer REQUESTs from *src_id* with *handler* straight from the pump.
-
-        A sync handler's reply is sent without a task switch; an async one runs in
-        a task of *nursery*.
-        """
-        if src_id in self._request_servers:
-            raise RuntimeError(f"requests from context {src_id} are already being served")
-        self._request_servers[src_id] = (handler, nursery)
-
-    def stop_serving_requests(self, src_id: int) -> None:
-        self._request_servers.pop(src_id, None)
-
-    def queued_requests(self) -> list[Message]:
-        """Take every request queued (unserved) so far, from every context."""
-        taken: list[Message] = []
-        for (_, handle), (_, receive) in list(self._inboxes.items()):
-            if handle != Handle.REQUEST:
-                continue
-            while True:
-                try:
-                    taken.append(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-        return taken
-
-    def _on_request(self, msg: Message, route: Route | None) -> Awaitable[None] | None:
-        server = self._request_servers.get(msg.src_id) or self._request_servers.get(ANY_SOURCE)
-        if server is None:
-            self._to_inbox(msg, route)
-            return None
-        handler, nursery = server
-        return self.answer_soon(msg, handler, nursery, None)
-
-    async def answer_soon(
-        self,
-        msg: Message,
-        handler: Callable[..., Any],
-        nursery: trio.Nursery,
-        call: tuple[tuple[Any, ...], dict[str, Any]] | None,
-        *,
-        inline: bool = False,
-    ) -> None:
-        """Run *handler* on *msg*'s payload (or, for a call, on *call*'s arguments)
-        and reply.
-
-        A request's sync handler runs here and now (the fastest path). An async
-        handler or function runs in a task of *nursery*, and a called sync function
-        in a worker thread, so that neither holds up the pump: SHUTDOWN, other
-        requests and cancellations are still read while they run. With *inline*
-        (a call whose caller kills the child if cancelled), a sync function runs
-        here and now too.
-        """
-        key = (msg.src_id, msg.reply_to)
-        self._queued.discard(key)
-        if key in self._cancelled:  # cancelled while it waited in an inbox
-            self._cancelled.discard(key)
-            return
-        if call is not None and not inline and not inspect.iscoroutinefunction(handler):
-            work = functools.partial(handler, *call[0], **call[1])
-            nursery.start_soon(self._answer_in_thread, msg, work)
-            return
-        try:
-            result = handler(_wire.decode(msg)) if call is None else handler(*call[0], **call[1])
-        except Exception as exc:
-            await self.reply(msg, failed(exc, data_only=self.data_only))
-            return
-        if inspect.isawaitable(result):
-            nursery.start_soon(self._finish_answer, msg, result)
-        else:
-            await self.reply(msg, (True, result))
-
-    async def _finish_answer(self, msg: Message, pending: Awaitable[Any]) -> None:
-        key = (msg.src_id, msg.reply_to)
-        outcome: tuple[Any, Any] = _CANCELLED
-        with trio.CancelScope() as scope:
-            self._answering[key] = (scope, False)
-            try:
-                outcome = (True, await pending)
-            except Exception as exc:
-                outcome = failed(exc, data_only=self.data_only)
-            finally:
-                del self._answering[key]
-        await self.reply(msg, outcome)
-
-    async def _answer_in_thread(self, msg: Message, work: Callable[[], Any]) -> None:
-        key = (msg.src_id, msg.reply_to)
-        self._answering[key] = (trio.CancelScope(), True)
-        try:
-            outcome: tuple[Any, Any] = (True, await trio.to_thread.run_sync(work))
-        except Exception as exc:
-            outcome = failed(exc, data_only=self.data_only)
-        finally:
-            del self._answering[key]
-        await self.reply(msg, outcome)
-
-    def _on_cancel(self, msg: Message, route: Route | None) -> Awaitable[None] | None:
-        try:
-            reply_to = int(_wire.decode(msg))
-        except (WireError, ValueError, TypeError):
-            self._drop(msg, route, "malformed CANCEL")
-            return None
-        key = (msg.src_id, reply_to)
-        answering = self._answering.get(key)
-        if answering is not None:
-            scope, uninterruptible = answering
-            if uninterruptible:
-                return self._send_reply(msg.src_id, reply_to, _DEFERRED)
-            scope.cancel()  # its task acknowledges with its reply
-            return None
-        if key in self._queued:
-            self._queued.discard(key)
-            self._cancelled.add(key)
-            return self._send_reply(msg.src_id, reply_to, _CANCELLED)
-        return None  # answered already: that reply is the acknowledgement
+    def remove_handler(self, handle: int) -> None:
+        self._handlers.pop(handle, None)
 
     def new_handle(self) -> int:
         handle = self._next_handle
         self._next_handle += 1
         return handle
 
-    def inbox(
-        self, src_id: int, handle: int = Handle.CHANNEL
-    ) -> trio.MemoryReceiveChannel[Message]:
-        """The queue of messages from *src_id* for a user handle (CHANNEL or REQUEST).
-
-        It is unbounded on purpose: a reader that stopped reading must never stop
-        the link's pump, or replies and SHUTDOWN behind it would never arrive.
-        """
-        pair = self._inboxes.get((src_id, handle))
-        if pair is None:
-            pair = trio.open_memory_channel[Message](math.inf)
-            self._inboxes[(src_id, handle)] = pair
-        return pair[1]
-
-    def close_inboxes(self, src_id: int) -> None:
-        for handle in (Handle.CHANNEL, Handle.REQUEST):
-            pair = self._inboxes.pop((src_id, handle), None)
-            if pair is not None:
-                pair[0].close()
-
     def _to_inbox(self, msg: Message, route: Route | None) -> None:
-        if msg.handle == Handle.REQUEST and msg.reply_to:
-            self._queued.add((msg.src_id, msg.reply_to))
-        pair = self._inboxes.get((msg.src_id, msg.handle))
-        if pair is None:
-            self.inbox(msg.src_id, msg.handle)
-            pair = self._inboxes[(msg.src_id, msg.handle)]
-        pair[0].send_nowait(msg)
+        self.inboxes.put(msg)
 
     # -- routes ----------------------------------------------------------
 
@@ -390,15 +190,12 @@ class Router:
     async def _forget(self, ids: frozenset[int], error: Callable[[int], BaseException]) -> None:
         if not ids:
             return
-        self._queued = {key for key in self._queued if key[0] not in ids}
-        self._cancelled = {key for key in self._cancelled if key[0] not in ids}
+        self.answering.forget(ids)
         for context_id in ids:
             self._routes.pop(context_id, None)
             self.directory.pop(context_id, None)
-            self.close_inboxes(context_id)
-        for pending in list(self._pending.values()):
-            if pending.dst_id in ids:
-                pending.settle(error=error(pending.dst_id))
+            self.inboxes.close(context_id)
+        self.asking.forget(ids, error)
         for context_id in ids:
             waiter = self._gone_waiters.pop(context_id, None)
             if waiter is not None:
@@ -466,7 +263,7 @@ class Router:
     def _on_allocate_id(self, msg: Message, route: Route | None) -> Awaitable[None]:
         start = self._next_id
         self._next_id += ID_BLOCK_SIZE
-        return self.reply(msg, (True, (start, start + ID_BLOCK_SIZE)))
+        return self.answering.reply(msg, (True, (start, start + ID_BLOCK_SIZE)))
 
     async def allocate_id(self) -> int:
         """A fresh context id: counted at the root, from blocks the root hands out elsewhere."""
@@ -476,7 +273,7 @@ class Router:
             return context_id
         async with self._id_lock:
             if not self._id_block:
-                start, stop = await self.request(
+                start, stop = await self.asking.request(
                     ROOT_ID, Handle.ALLOCATE_ID, ID_BLOCK_SIZE, data=True
                 )
                 self._id_block = list(range(int(start), int(stop)))
@@ -520,142 +317,6 @@ class Router:
         if route is None:
             raise MessageUndeliverable(f"no route to context {msg.dst_id} (from {self.id})")
         await self._send_on(route, msg)
-
-    async def request(
-        self,
-        dst_id: int,
-        handle: int,
-        obj: object,
-        *,
-        cancel_timeout: float = 5.0,
-        on_unacknowledged: Callable[[], None] | None = None,
-        on_cancel: OnCancel = OnCancel.CANCEL,
-        data: bool = False,
-    ) -> Any:
-        """Send *obj* to ``(dst_id, handle)`` and wait for the one reply.
-
-        *obj* is pickled, unless this context is untrusted or *data* is true: then
-        it is sent as plain data.
-
-        Raises:
-            MessageUndeliverable: a dead reply came back.
-            ContextDied: the destination (or the route to it) went away first.
-            Exception: the remote handler raised this (rebuilt here), or
-                :class:`RemoteError` where it cannot be rebuilt.
-
-        **Cancellation:** as *on_cancel* says. With :attr:`OnCancel.CANCEL`, the
-        destination is told to cancel the work (CANCEL), and this waits, shielded,
-        for its acknowledgement: at most *cancel_timeout* seconds, after which
-        *on_unacknowledged* is called; work that cannot be interrupted (a sync
-        function in a thread) is waited for, as :func:`trio.to_thread.run_sync`
-        does. With :attr:`OnCancel.WAIT` this waits, shielded, for the reply (or
-        for the destination to be gone), then raises; with
-        :attr:`OnCancel.ABANDON` it raises at once.
-        """
-        reply_to = self.new_handle()
-        pending = _Pending(dst_id)
-        self._pending[reply_to] = pending
-        self._handlers[reply_to] = self._on_reply
-        sent = False
-        try:
-            msg = _wire.make(
-                dst_id, self.id, handle, obj, reply_to, data_only=data or self.data_only
-            )
-            await self.send(msg)
-            sent = True
-            await pending.event.wait()
-        except trio.Cancelled:
-            if not sent or pending.event.is_set():
-                raise
-            if on_cancel is OnCancel.CANCEL:
-                await self._cancel_remote(
-                    dst_id, reply_to, pending, cancel_timeout, on_unacknowledged
-                )
-            elif on_cancel is OnCancel.WAIT:
-                with trio.CancelScope(shield=True):
-                    await pending.event.wait()
-            raise
-        finally:
-            del self._pending[reply_to]
-            del self._handlers[reply_to]
-            if sent and not pending.event.is_set():
-                self._abandoned.add(reply_to)
-        if pending.error is not None:
-            raise pending.error
-        return pending.result
-
-    async def _cancel_remote(
-        self,
-        dst_id: int,
-        reply_to: int,
-        pending: _Pending,
-        wait_at_most: float,
-        on_unacknowledged: Callable[[], None] | None,
-    ) -> None:
-        with trio.CancelScope(shield=True):
-            if not await self.send_or_drop(
-                _wire.make_data(dst_id, self.id, Handle.CANCEL, reply_to)
-            ):
-                return  # the work is going away with its context
-            with trio.move_on_after(wait_at_most):
-                await pending.noted.wait()
-            if pending.deferred:
-                await pending.event.wait()
-            elif not pending.event.is_set():
-                log.warning(
-                    "%r: context %d did not acknowledge a cancellation within %s s",
-                    self,
-                    dst_id,
-                    wait_at_most,
-                )
-                if on_unacknowledged is not None:
-                    on_unacknowledged()
-
-    def _on_reply(self, msg: Message, route: Route | None) -> None:
-        pending = self._pending.get(msg.handle)
-        if pending is None:  # pragma: no cover - removed under us
-            return
-        if msg.is_dead:
-            pending.settle(error=MessageUndeliverable(msg.data.decode("utf-8", "replace")))
-            return
-        try:
-            ok, value = _wire.decode(msg)
-        except (WireError, ValueError, TypeError) as exc:
-            pending.settle(error=WireError(f"malformed reply: {exc}"))
-            return
-        if ok is None:
-            if value == _DEFERRED[1]:
-                pending.defer()
-            else:
-                pending.settle(error=CancelledRemotely("the work was cancelled"))
-        elif ok:
-            pending.settle(result=value)
-        else:
-            pending.settle(error=rebuild(value, trusted=msg.is_pickle))
-
-    async def _send_reply(self, dst_id: int, reply_to: int, outcome: tuple[Any, Any]) -> None:
-        if not await self.send_or_drop(_wire.make_data(dst_id, self.id, reply_to, outcome)):
-            log.debug("%r: the requester %d went away before its reply", self, dst_id)
-
-    async def reply(self, msg: Message, outcome: tuple[Any, object]) -> None:
-        """Answer *msg* (which carried a ``reply_to``); swallow a vanished requester."""
-        if not msg.reply_to:
-            return
-        data_only = self.data_only
-        try:
-            reply = _wire.make(msg.src_id, self.id, msg.reply_to, outcome, data_only=data_only)
-        except WireError as exc:
-            reply = self._failure_reply(msg, exc)
-        try:
-            await self.send(reply)
-        except (LinkClosed, MessageUndeliverable):
-            log.debug("%r: the requester %d went away before its reply", self, msg.src_id)
-        except WireError as exc:  # over the size limit
-            await self.send_or_drop(self._failure_reply(msg, exc))
-
-    def _failure_reply(self, msg: Message, exc: WireError) -> Message:
-        outcome = failed(exc, data_only=self.data_only)
-        return _wire.make(msg.src_id, self.id, msg.reply_to, outcome, data_only=self.data_only)
 
     # -- receiving -------------------------------------------------------
 
@@ -737,10 +398,8 @@ class Router:
             return
         handler = self._handlers.get(msg.handle)
         if handler is None:
-            if msg.handle in self._abandoned:
-                # A reply (or its dead notice) after its caller stopped waiting.
-                self._abandoned.discard(msg.handle)
-                return
+            if self.asking.late_reply(msg.handle):
+                return  # a reply (or its dead notice) after its caller stopped waiting
             if msg.is_dead:
                 self._on_dead_notice(msg, route)
                 return

@@ -393,7 +393,9 @@ async def _answer_call(router: Router, msg: Message, nursery: trio.Nursery) -> N
         fn, args, kwargs, *options = _wire.decode(msg)
         function = resolve(fn)
     except Exception as exc:
-        await router.reply(msg, failed(exc, data_only=router.data_only))
+        await router.answering.reply(msg, failed(exc, data_only=router.data_only))
         return
     inline = bool(options and options[0])
-    await router.answer_soon(msg, function, nursery, (tuple(args), dict(kwargs)), inline=inline)
+    await router.answering.answer_soon(
+        msg, function, nursery, (tuple(args), dict(kwargs)), inline=inline
+    )

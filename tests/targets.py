@@ -114,7 +114,7 @@ async def write_raw(data: bytes) -> None:
 
 async def request_unknown_context(context_id: int) -> str:
     try:
-        await nursery_procs.current_router().request(context_id, 10, "hello")
+        await nursery_procs.current_router().asking.request(context_id, 10, "hello")
     except nursery_procs.MessageUndeliverable as exc:
         return exc.reason
     return "delivered?"
@@ -194,7 +194,7 @@ async def message_context(context_id: int, obj: Any, handle: int = 9) -> str:
         if handle == 9:
             await nursery_procs.context_by_id(context_id).send(obj)
             return "sent"
-        await router.request(context_id, handle, obj)
+        await router.asking.request(context_id, handle, obj)
     except nursery_procs.MessageUndeliverable as exc:
         return exc.reason
     return "delivered"
@@ -222,7 +222,7 @@ async def post(context_id: int, handle: int, obj: Any) -> None:
 async def request_with_payload(context_id: int, size: int) -> str:
     """Send a request of *size* bytes to any context; report a dead reply's reason."""
     try:
-        await nursery_procs.current_router().request(context_id, 10, b"x" * size)
+        await nursery_procs.current_router().asking.request(context_id, 10, b"x" * size)
     except nursery_procs.MessageUndeliverable as exc:
         return exc.reason
     return "delivered"

@@ -227,7 +227,7 @@ async def test_message_to_an_unknown_handle_gets_a_dead_reply() -> None:
         ctx = await sup.start_child(None)
         router = nursery_procs.current_router()
         with trio.fail_after(5), pytest.raises(MessageUndeliverable) as info:
-            await router.request(ctx.id, 555, "anyone?")
+            await router.asking.request(ctx.id, 555, "anyone?")
         assert info.value.reason == f"no handle 555 in context {ctx.id} ({ctx.name})"
         # The child is undisturbed.
         assert await ctx.call(targets.add, 2, 2) == 4
@@ -237,7 +237,7 @@ async def test_message_to_an_unknown_context_gets_a_dead_reply() -> None:
     async with nursery_procs.open_supervisor() as sup:
         router = nursery_procs.current_router()
         with pytest.raises(MessageUndeliverable, match=r"no route to context 4242 \(from 0\)"):
-            await router.request(4242, Handle.REQUEST, "hello")
+            await router.asking.request(4242, Handle.REQUEST, "hello")
         ctx = await sup.start_child(None)
         # From a child, the message goes up to the root, which answers dead.
         reason = await ctx.call(targets.request_unknown_context, 4343)
