@@ -6,16 +6,14 @@ server behind ``/doc/``, so the page must load cleanly and report that it cannot
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
 import attrs
-import pytest
 import trio
-from _cdp import DEFAULT_CHROMIUM, Page, open_browser
+from _browser import Page, browser_tests, open_browser
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "examples" / "collab" / "static"
 
@@ -25,13 +23,7 @@ CONTENT_TYPES = {
     ".css": "text/css; charset=utf-8",
 }
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not os.access(DEFAULT_CHROMIUM, os.X_OK),
-        reason=f"browser test: no Chromium at {DEFAULT_CHROMIUM}",
-    ),
-]
+pytestmark = browser_tests()
 
 
 @attrs.define(eq=False)
@@ -129,7 +121,7 @@ async def check_page_without_backend(page: Page, server: StaticServer, doc_name:
     assert await page.evaluate("collab.text()") == "hello"
     await page.wait_for("document.querySelector('.cm-content').textContent === 'hello'")
 
-    assert page.console_errors == []
+    assert await page.console_errors() == []
 
 
 async def test_page_opens_named_document() -> None:
@@ -153,5 +145,5 @@ async def test_page_defaults_to_welcome() -> None:
             )
             await page.wait_for("location.pathname === '/d/a%20b'")
             await page.wait_for("window.collab && collab.docName === 'a b'")
-            assert page.console_errors == []
+            assert await page.console_errors() == []
             await page.close()

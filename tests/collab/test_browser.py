@@ -7,9 +7,8 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
 import trio
-from _cdp import DEFAULT_CHROMIUM, Page, open_browser
+from _browser import Page, browser_tests, open_browser
 
 from examples.collab.document import CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE
 from examples.collab.storage_format import SNAPSHOT_MAGIC
@@ -17,13 +16,7 @@ from examples.collab.storage_format import SNAPSHOT_MAGIC
 from .servers import running, ws_url
 from .yclient import connect
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not os.access(DEFAULT_CHROMIUM, os.X_OK),
-        reason=f"browser test: no Chromium at {DEFAULT_CHROMIUM}",
-    ),
-]
+pytestmark = browser_tests()
 
 
 async def open_editor(browser_page: Page) -> None:
@@ -62,11 +55,11 @@ async def test_two_tabs_edit_together(tmp_path: Path) -> None:
             await ann.wait_for("document.getElementById('peer-list').textContent.includes('Bob')")
 
             # Bob leaves: Ann's list empties.
+            assert await bob.console_errors() == []
             await bob.close()
             await ann.wait_for("collab.peers().length === 0")
 
-            assert ann.console_errors == []
-            assert bob.console_errors == []
+            assert await ann.console_errors() == []
             await ann.close()
 
 
@@ -110,7 +103,7 @@ async def test_page_recovers_when_the_document_process_dies(tmp_path: Path) -> N
                     lambda: reader.content() == "written before the crash and after it"
                 )
             assert server.documents()["phoenix"].pid != victim.pid
-            assert page.console_errors == []
+            assert await page.console_errors() == []
             await page.close()
 
 
