@@ -59,7 +59,7 @@ def owned_contexts() -> dict[int, Context]:
 def context_by_id(context_id: int) -> Context:
     """A handle for messaging any context by id, from anywhere in the tree.
 
-    For a child this process started, the handle is the one :meth:`start_child`
+    For a child this process started, the handle is the one :meth:`Supervisor.start_child`
     returned. The name is known if the context is below this one; messages to a
     context that does not exist get dead replies.
     """
@@ -544,7 +544,8 @@ class Context(trio.abc.Channel[Any]):
         returns promptly; the child then counts as crashed (a pooled or
         restartable child is replaced). Since such a call is never interrupted
         but by the kill, its sync function runs on the child's event loop, as
-        with ``in_thread=False`` (the fastest path, as in :mod:`trio_parallel`).
+        with ``in_thread=False`` (the fastest path, as in `trio-parallel
+        <https://trio-parallel.readthedocs.io/>`_).
         """
         self._check_alive()
         peer = self._peer

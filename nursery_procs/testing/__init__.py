@@ -2,7 +2,7 @@
 
 * :class:`FakeProcess` and :func:`fake_spawner` let a supervisor run "children"
   inside the test's own Trio run, over in-memory streams, so that timing policy
-  (grace periods, escalation) runs on :func:`trio.testing.MockClock` with
+  (grace periods, escalation) runs on :class:`trio.testing.MockClock` with
   ``autojump_threshold=0`` in milliseconds.
 * :mod:`nursery_procs.testing.pytest_plugin` fails any test that leaves child
   processes, zombies, file descriptors or threads behind.
