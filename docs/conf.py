@@ -12,7 +12,8 @@ python``, ``console``, ``text``, ``toml``, ``json``; no bare ``::`` blocks). The
   is run as a script and must exit 0;
 * a piece of a larger program, or a command that is only shown, takes the option
   ``:class: fragment`` (in ``README.md``: a ``<!-- fragment -->`` line right above the
-  fence); a Python fragment must still compile, and the page labels it "fragment";
+  fence), indented as the block's code is; a Python fragment must still compile (as the
+  body of an async function), and the page labels it "fragment";
 * ``toml`` and ``json`` blocks must parse; ``text`` blocks (output, diagrams) are not code.
 
 References. ``nitpicky`` is on and nothing is suppressed: every cross-reference must
