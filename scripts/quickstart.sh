@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The two quick-start commands:
 #   scripts/quickstart.sh serve [server options]   set up, then run the collaborative server
-#   scripts/quickstart.sh test  [pytest options]   set up (Chromium included), then run the tests
+#   scripts/quickstart.sh test  [pytest options]   set up (Debian's Chromium and python3-doc
+#                                                  included, as root), then run the tests
 # and for maintainers:
 #   scripts/quickstart.sh check                    lint, type check and docs build (via nox)
 #   scripts/quickstart.sh bench [--quick]          every benchmark
@@ -26,16 +27,22 @@ setup() {  # $1: the extras to install
     "$VENV/bin/python" -m pip install --quiet -e ".[$1]"
 }
 
-install_chromium() {
-    # The browser tests drive Debian's Chromium (headless); tests skip without it.
-    if command -v chromium >/dev/null 2>&1; then
+install_debian_packages() {
+    # Debian's Chromium for the browser tests (Playwright drives it; no browser is
+    # downloaded), and python3-doc, whose objects.inv the docs build and the docs test
+    # read for links to Python's documentation (offline).
+    local missing=()
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    [ -f /usr/share/doc/python3/html/objects.inv ] || missing+=(python3-doc)
+    if [ ${#missing[@]} -eq 0 ]; then
         return
     fi
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "note: chromium is not installed; the browser tests will be skipped" >&2
+        echo "note: install the Debian packages ${missing[*]}: the browser tests skip" \
+            "without chromium, and the docs need python3-doc" >&2
     fi
 }
 
@@ -47,11 +54,12 @@ case "$command" in
         exec "$VENV/bin/python" -m examples.collab "$@"
         ;;
     test)
-        install_chromium
+        install_debian_packages
         setup dev
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     check)
+        install_debian_packages
         setup dev
         exec "$VENV/bin/nox" --no-error-on-missing-interpreters -s lint typecheck docs wheel
         ;;

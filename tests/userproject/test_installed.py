@@ -55,3 +55,19 @@ def test_readme_example(tmp_path: Path) -> None:
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == str(math.sqrt(2.0))
+
+
+def test_the_plugin_fails_a_test_that_leaves_a_process(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import subprocess
+        import sys
+
+        def test_leaves_a_child_running():
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "nursery_procs.testing.pytest_plugin")
+    # The test body passes; the plugin's check fails it at teardown, and kills the child.
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*the test left things behind*", "*processes still running*"])
