@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from docutils import nodes as docutils_nodes
 from sphinx.ext import intersphinx
 
 HERE = Path(__file__).resolve().parent
@@ -188,9 +189,30 @@ def resolve_in_enclosing_packages(app: Any, env: Any, node: Any, contnode: Any) 
     return None
 
 
+#: Names from libraries whose docs have no Sphinx inventory, and the page for each.
+EXTERNAL_PAGES = {
+    "prometheus_client.Counter": "https://prometheus.github.io/client_python/instrumenting/counter/",
+    # ``serve_control(collectors=...)``: the annotation names it without its module
+    "Collector": "https://prometheus.github.io/client_python/collector/custom/",
+    "prometheus_client.registry.Collector": (
+        "https://prometheus.github.io/client_python/collector/custom/"
+    ),
+}
+
+
+def link_external_pages(app: Any, env: Any, node: Any, contnode: Any) -> Any:
+    url = EXTERNAL_PAGES.get(node["reftarget"])
+    if node["refdomain"] != "py" or url is None:
+        return None
+    reference = docutils_nodes.reference("", "", internal=False, refuri=url)
+    reference += contnode
+    return reference
+
+
 def setup(app: Any) -> None:
     app.connect("autodoc-process-signature", hide_factory_made_signatures)
     app.connect("missing-reference", link_type_variables)
     app.connect("missing-reference", resolve_in_enclosing_packages)
+    app.connect("missing-reference", link_external_pages)
     # before napoleon (priority 500) rewrites the docstring
     app.connect("autodoc-process-docstring", shield_first_line, priority=400)
