@@ -112,6 +112,7 @@ MADE_BY_FACTORIES = {
     "nursery_procs.Context",
     "nursery_procs.Link",
     "nursery_procs.Pool",
+    "nursery_procs.WorkerPool",
     "nursery_procs.SignalShutdown",
     "nursery_procs.testing.FakeProcess",
     "nursery_procs.testing.Snapshot",
@@ -189,8 +190,18 @@ def resolve_in_enclosing_packages(app: Any, env: Any, node: Any, contnode: Any) 
     return None
 
 
-#: Names from libraries whose docs have no Sphinx inventory, and the page for each.
+#: Names from other libraries, with the page and anchor their own docs give them (read
+#: from their documentation sources: attrs' api.rst, trio-parallel's reference.rst) or,
+#: for prometheus-client, whose docs are not made by Sphinx, the page about them.
 EXTERNAL_PAGES = {
+    "attrs.evolve": "https://www.attrs.org/en/stable/api.html#attrs.evolve",
+    "trio_parallel.run_sync": (
+        "https://trio-parallel.readthedocs.io/en/stable/reference.html#trio_parallel.run_sync"
+    ),
+    "trio_parallel.open_worker_context": (
+        "https://trio-parallel.readthedocs.io/en/stable/reference.html"
+        "#trio_parallel.open_worker_context"
+    ),
     "prometheus_client.Counter": "https://prometheus.github.io/client_python/instrumenting/counter/",
     # ``serve_control(collectors=...)``: the annotation names it without its module
     "Collector": "https://prometheus.github.io/client_python/collector/custom/",
