@@ -144,5 +144,5 @@ async def test_unopenable_document_stops_the_page_with_a_notice(tmp_path: Path) 
             await page.wait_for("collab.stopped()")
             assert (await page.evaluate("collab.lastClose()"))["code"] == CLOSE_DOCUMENT_UNAVAILABLE
             assert await page.evaluate("collab.provider.shouldConnect") is False
-            assert page.console_errors == []
+            assert await page.console_errors() == []
             await page.close()
