@@ -118,6 +118,7 @@ MADE_BY_FACTORIES = {
     "nursery_procs.testing.Snapshot",
     "nursery_procs.testing.LeakReport",
     "nursery_procs._router.Router",
+    "nursery_procs._process.ChildProcess",
     "nursery_procs._forward.Source",
     "nursery_procs._forward.Sink",
 }
