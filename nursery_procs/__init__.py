@@ -26,6 +26,7 @@ from ._errors import NurseryProcsError as NurseryProcsError
 from ._errors import PoolClosed as PoolClosed
 from ._errors import PoolEmpty as PoolEmpty
 from ._errors import RemoteError as RemoteError
+from ._errors import SSHError as SSHError
 from ._errors import SupervisorError as SupervisorError
 from ._errors import WireError as WireError
 from ._forward import Forwarded as Forwarded
@@ -49,6 +50,8 @@ from ._remote import RemoteTraceback as RemoteTraceback
 from ._router import current_router as current_router
 from ._signals import SignalShutdown as SignalShutdown
 from ._signals import open_signal_shutdown as open_signal_shutdown
+from ._ssh import SSH as SSH
+from ._ssh import ssh as ssh
 from ._supervisor import Restart as Restart
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics

@@ -206,3 +206,37 @@ class ControlSocketBusy(NurseryProcsError):
     def __init__(self, path: str, detail: str = "another server accepts connections on it") -> None:
         super().__init__(f"control socket {path!r} is in use: {detail}")
         self.path = path
+
+
+class SSHError(NurseryProcsError):
+    """The connection to another host could not be made: ``ssh`` failed to
+    connect or to authenticate. :meth:`Supervisor.start_child` raises it as the
+    cause of a :class:`ChildStartError`.
+
+    Attributes:
+        destination: the host, as given to :func:`nursery_procs.ssh`.
+        detail: what went wrong.
+        returncode: ``ssh``'s exit status, if it has exited.
+        stderr_tail: the last lines ``ssh`` wrote to stderr.
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        detail: str,
+        returncode: int | None = None,
+        stderr_tail: tuple[str, ...] = (),
+    ) -> None:
+        text = f"ssh to {destination}: {detail}"
+        if stderr_tail:
+            text += "\n--- tail of its stderr ---\n" + "\n".join(stderr_tail)
+        super().__init__(text)
+        self.destination = destination
+        self.detail = detail
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[SSHError], tuple[str, str, int | None, tuple[str, ...]]]:
+        return (type(self), (self.destination, self.detail, self.returncode, self.stderr_tail))

@@ -70,6 +70,7 @@ from ._process import (
     escalate,
     link_socketpair,
     pidfd_readable,
+    runtime_command,
     socket_stream,
 )
 from ._proctree import become_subreaper, direct_children, kill_group, kill_tree
@@ -871,10 +872,10 @@ async def start_fork_server(
     cwd = os.getcwd()
     try:
         fd = theirs.fileno()
-        argv = [sys.executable, "-m", "nursery_procs._child", "--fork-server", str(fd)]
+        argv, inherited = runtime_command("--fork-server", str(fd), str(os.getpid()))
         process = await trio.lowlevel.open_process(
-            [*argv, str(os.getpid())],
-            pass_fds=(fd,),
+            argv,
+            pass_fds=(fd, *inherited),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

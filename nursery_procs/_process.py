@@ -16,8 +16,10 @@ from typing import Final, Literal, Protocol
 import attrs
 import trio
 
+from . import _importer
 from ._isolation import Isolation
 from ._proctree import kill_group, kill_tree
+from ._ssh import SSH
 
 #: Environment variable: a new child sleeps this many seconds before its target,
 #: after logging its pid, so that a debugger can attach.
@@ -96,6 +98,10 @@ class StartOptions:
     preload: tuple[str, ...] = ()
     #: How the child is confined.
     isolation: Isolation = attrs.field(factory=Isolation)
+    #: The host the child runs on: ``None`` for this one, else how to reach
+    #: another (the child is then a fresh interpreter there, and ``preload``
+    #: lists modules sent to it ahead of its target).
+    via: SSH | None = attrs.field(default=None)
 
     @method.validator
     def _check_method(self, attribute: attrs.Attribute[str], value: str) -> None:
@@ -104,15 +110,27 @@ class StartOptions:
                 f"start_method must be one of {', '.join(map(repr, START_METHODS))}, not {value!r}"
             )
 
+    @via.validator
+    def _check_via(self, attribute: attrs.Attribute[SSH | None], value: object) -> None:
+        if value is not None and not isinstance(value, SSH):
+            raise TypeError(f"via must be nursery_procs.ssh(...) or None, not {value!r}")
+        if value is not None and self.isolation.confines:
+            raise ValueError("isolation is not available for a child on another host")
+
     @classmethod
     def build(
-        cls, method: str | None, preload: Iterable[str] | None, isolation: Isolation | None = None
+        cls,
+        method: str | None,
+        preload: Iterable[str] | None,
+        isolation: Isolation | None = None,
+        via: SSH | None = None,
     ) -> StartOptions:
-        """Validate a start method, preload list and isolation as given to the
-        public API (``None`` method: :data:`START_METHOD_ENV`, else the default)."""
+        """Validate a start method, preload list, isolation and host as given to
+        the public API (``None`` method: :data:`START_METHOD_ENV`, else the
+        default)."""
         if method is None:
             method = os.environ.get(START_METHOD_ENV) or DEFAULT_START_METHOD
-        return cls(method, cls.modules(preload), cls.checked(isolation))  # type: ignore[arg-type]
+        return cls(method, cls.modules(preload), cls.checked(isolation), via)  # type: ignore[arg-type]
 
     @staticmethod
     def checked(isolation: Isolation | None) -> Isolation:
@@ -136,14 +154,17 @@ class StartOptions:
         method: str | None,
         preload: Iterable[str] | None,
         isolation: Isolation | None = None,
+        via: SSH | None = None,
     ) -> StartOptions:
-        """These options with a child's own method, preload and isolation, where given."""
-        if method is None and preload is None and isolation is None:
+        """These options with a child's own method, preload, isolation and host,
+        where given."""
+        if method is None and preload is None and isolation is None and via is None:
             return self
         return StartOptions(
             method or self.method,  # type: ignore[arg-type]
             self.preload if preload is None else self.modules(preload),
             self.isolation if isolation is None else self.checked(isolation),
+            self.via if via is None else via,
         )
 
 
@@ -304,6 +325,23 @@ def child_env(debug_sleep: float | None) -> dict[str, str]:
     return env
 
 
+def runtime_command(*args: str) -> tuple[list[str], tuple[int, ...]]:
+    """How to run ``python -m nursery_procs._child ARGS`` here, and the file
+    descriptors the new process must inherit for it.
+
+    In a context whose runtime was shipped to its host (see :doc:`remote`),
+    nursery_procs is not on the disk: the new interpreter runs the bootstrap's
+    first stage with the flags of this one, and reads the runtime from this
+    process's memory file of it.
+    """
+    shipped = _importer.installed()
+    if shipped is None:
+        return [sys.executable, "-m", "nursery_procs._child", *args], ()
+    flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    fd = shipped.bundle_file()
+    return [sys.executable, *flags, "-c", _importer.STAGE1, str(fd), *args], (fd,)
+
+
 async def spawn(*, debug_sleep: float | None = None, isolation: Isolation | None = None) -> Spawned:
     """Start ``python -m nursery_procs._child`` with one end of a socketpair.
 
@@ -314,12 +352,13 @@ async def spawn(*, debug_sleep: float | None = None, isolation: Isolation | None
     parent_sock, child_sock = link_socketpair()
     try:
         fd = child_sock.fileno()
-        argv = [sys.executable, "-m", "nursery_procs._child", str(fd), str(os.getpid())]
+        args = [str(fd), str(os.getpid())]
         if isolation is not None and isolation.confines:
-            argv.append(json.dumps(isolation.to_json()))
+            args.append(json.dumps(isolation.to_json()))
+        argv, inherited = runtime_command(*args)
         process = await trio.lowlevel.open_process(
             argv,
-            pass_fds=(fd,),
+            pass_fds=(fd, *inherited),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -48,6 +48,13 @@ class RouteOwner(Protocol):
     def handle_control(self, msg: Message) -> None: ...
 
 
+class ModulePusher(Protocol):
+    """Sends pickled messages down a link to contexts whose runtime was shipped
+    to them, each after the modules it refers to (see ``_module_server``)."""
+
+    async def send_pickle(self, route: Route, header: bytes, msg: Message) -> None: ...
+
+
 @attrs.define(eq=False)
 class Route:
     """A link to a neighbouring context and the ids reachable through it."""
@@ -63,6 +70,9 @@ class Route:
     #: ``False`` for a link to an untrusted child: nothing that arrives on it is
     #: unpickled (pickled payloads are refused with a dead reply).
     trusted: bool = True
+    #: For a link to a child whose runtime was shipped to it: what sends pickles
+    #: after the modules they need.
+    module_pusher: ModulePusher | None = None
 
 
 @attrs.frozen
@@ -288,6 +298,9 @@ class Router:
                 f"message of {len(msg.data)} bytes is over the link's limit of "
                 f"{route.link.max_message_size} bytes"
             )
+        if route.module_pusher is not None and msg.is_pickle:
+            await route.module_pusher.send_pickle(route, header, msg)
+            return
         await route.link.send(header, msg.data)
 
     async def send_or_drop(self, msg: Message) -> bool:

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, NoReturn
 
 import trio
@@ -37,6 +37,7 @@ from ._errors import LinkClosed, WireError
 from ._forkserver import exercise_link, receive_assignment
 from ._isolation import PID1_SIGTERM_STATUS, Isolation, isolate
 from ._link import CLOSE_NORMAL, Link, connect_link
+from ._module_server import attach_runtime
 from ._process import DEBUG_SLEEP_ENV
 from ._proctree import become_subreaper, end_descendants, kill_tree, reap_children
 from ._remote import failed
@@ -138,20 +139,31 @@ def run_child(fd: int, watched: list[int], *, spare: bool = False) -> NoReturn:
     subreaper), and ends them all however it ends itself (its run is over,
     SIGTERM, or its parent died).
     """
+
+    def main() -> int:
+        os.set_inheritable(fd, False)
+        if spare:
+            return trio.run(_run_spare, fd, watched)
+        _start_orphan_watchdog(watched)
+        return trio.run(_run, fd)
+
+    run_process(main)
+
+
+def run_process(main: Callable[[], int]) -> NoReturn:
+    """Run *main* (a child's Trio run, returning its exit status) as every child
+    runs, however it got its link: a child subreaper whose SIGTERM ends its
+    descendants first, output flushed, and every descendant ended before it
+    exits. Never returns."""
     code = 1
     try:
-        os.set_inheritable(fd, False)
         become_subreaper()
         signal.signal(signal.SIGTERM, _on_sigterm)
         for stream in (sys.stdout, sys.stderr):
             reconfigure = getattr(stream, "reconfigure", None)
             if reconfigure is not None:
                 reconfigure(line_buffering=True)
-        if spare:
-            code = trio.run(_run_spare, fd, watched)
-        else:
-            _start_orphan_watchdog(watched)
-            code = trio.run(_run, fd)
+        code = main()
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -202,9 +214,15 @@ def _start_orphan_watchdog(watched: list[int]) -> None:
     Not ``PR_SET_PDEATHSIG``: it fires when the *thread* that spawned us exits, and
     Trio spawns from worker threads that come and go. Pidfds watch processes.
     """
+    start_watchdog(lambda: select.select(watched, [], []))
+
+
+def start_watchdog(orphaned: Callable[[], object]) -> None:
+    """End this process :data:`ORPHAN_GRACE` seconds after *orphaned* (run in a
+    thread of its own) returns, even if the Trio thread is stuck."""
 
     def watch() -> None:
-        select.select(watched, [], [])
+        orphaned()
         time.sleep(ORPHAN_GRACE)
         # Whatever the Trio side did not finish, nothing this child started
         # survives it: freeze and kill the whole tree below, then this process.
@@ -230,7 +248,12 @@ async def _run_spare(channel_fd: int, watched: list[int]) -> int:
 
 async def _run(fd: int) -> int:
     sock = socket.socket(fileno=fd)
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return await serve_stream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+
+
+async def serve_stream(stream: trio.abc.Stream) -> int:
+    """Be a child over *stream* (its link to the parent): read the bootstrap, run
+    the target, and return the exit status once the link is closed."""
     link = await connect_link(stream, resource="/nursery-procs/child")
     try:
         first = _wire.unpack(await link.receive())
@@ -323,6 +346,7 @@ async def _serve(link: Link, boot: Bootstrap) -> int:
 
         router.add_handler(Handle.SHUTDOWN, on_shutdown)
         router.add_handler(Handle.CALL, on_call)
+        attach_runtime(router, route, nursery, boot.modules)
 
         async def pump_parent() -> None:
             await router.pump(route)

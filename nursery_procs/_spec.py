@@ -105,3 +105,6 @@ class Bootstrap:
     main_module: tuple[str, str] | None = None
     #: ``False``: the child sends only plain data, never pickles.
     trusted: bool = True
+    #: Modules shipped ahead of the target, for a child whose runtime was
+    #: shipped to it (records of ``nursery_procs._importer``, as plain tuples).
+    modules: tuple[tuple[Any, ...], ...] = ()

@@ -24,6 +24,7 @@ from ._errors import (
     ForkServerError,
     HandshakeError,
     LinkClosed,
+    SSHError,
     SupervisorError,
     WireError,
 )
@@ -32,6 +33,7 @@ from ._groups import unwrap_sole_exception
 from ._isolation import Isolation, limit_reached, observe
 from ._lifecycle import Lifecycle, Lineage, State
 from ._link import accept_link
+from ._module_server import ShippedSpawn, Shipping, local_shipping
 from ._process import (
     DEBUG_SLEEP_ENV,
     ChildProcess,
@@ -46,6 +48,8 @@ from ._process import (
 from ._remote import rebuild
 from ._router import ContextInfo, Route, Router, current_router
 from ._spec import Bootstrap, dump_target, main_module_spec
+from ._ssh import SSH
+from ._ssh_connections import SSHConnections
 from ._stdio import child_logger, emit, pump_lines
 from ._wire import Handle, Message
 
@@ -192,6 +196,8 @@ class Supervisor:
         self.start_options = start or StartOptions()
         self._service: trio.Nursery = nursery  # replaced by the shielded one on open
         self._forkservers = ForkServers(nursery, policy)  # replaced on open, as above
+        #: Connections to other hosts, made when a child first needs one.
+        self._ssh: SSHConnections | None = None
         self._service_done = trio.Event()
         self._router = router
         self.policy = policy
@@ -255,6 +261,7 @@ class Supervisor:
         start_method: str | None = None,
         preload: Iterable[str] | None = None,
         isolation: Isolation | None = None,
+        via: SSH | None = None,
     ) -> Context:
         """Start ``target(*args)`` in a new child process; return once it is ready.
 
@@ -291,17 +298,24 @@ class Supervisor:
                 supervisor's. See :doc:`start_methods`.
             preload: for ``"forkserver"``, the modules its fork server has
                 imported before forking (children with different lists come
-                from different fork servers); default the supervisor's.
+                from different fork servers); for a child on another host, the
+                modules sent to it ahead of its target. Default the supervisor's.
             isolation: how the child is confined (resource limits, namespaces,
                 a read-only file system; see :class:`Isolation` and
                 :doc:`security`); default the supervisor's.
+            via: the host the child runs on: ``None`` for this one, or
+                :func:`nursery_procs.ssh` for another, whose Python is sent the
+                runtime and the modules the child needs (a fresh interpreter
+                there: ``start_method`` does not apply; see :doc:`remote`).
+                Default the supervisor's.
 
         Raises:
             ChildStartError: the child exited, broke its handshake, or was not ready
                 within ``policy.ready_timeout`` (plus any debug sleep). Carries its
                 return code and the tail of its stderr. When its fork server could
                 not start or died while forking it, the cause is a
-                :class:`ForkServerError`.
+                :class:`ForkServerError`; when its host could not be reached, an
+                :class:`SSHError`.
             WireError: the target or arguments cannot be pickled.
             ValueError, TypeError: an unknown start method, a bad preload list or
                 isolation.
@@ -312,7 +326,7 @@ class Supervisor:
         if self._closed:
             raise RuntimeError("this supervisor is closed")
         restart = Restart(restart)
-        start = self.start_options.override(start_method, preload, isolation)
+        start = self.start_options.override(start_method, preload, isolation, via)
         blob = dump_target(target, args)
         if debug_sleep is None:
             env_value = os.environ.get(DEBUG_SLEEP_ENV)
@@ -416,6 +430,7 @@ class Supervisor:
         start_method: str | None = None,
         preload: Iterable[str] | None = None,
         isolation: Isolation | None = None,
+        via: SSH | None = None,
     ) -> AbstractAsyncContextManager[Context]:
         """Start a child bound to a block: leaving the block shuts it down gracefully.
 
@@ -435,6 +450,7 @@ class Supervisor:
                 start_method=start_method,
                 preload=preload,
                 isolation=isolation,
+                via=via,
             )
         )
 
@@ -536,7 +552,12 @@ class Supervisor:
         run.cancel_pumps()
 
     async def _launch(self, *, debug_sleep: float | None, start: StartOptions) -> Spawned:
-        """The default spawner: a fresh interpreter, or a fork from a fork server."""
+        """The default spawner: a fresh interpreter (here or on another host), or a
+        fork from a fork server."""
+        if start.via is not None:
+            if self._ssh is None:
+                self._ssh = SSHConnections(self._service, self.policy)
+            return await self._ssh.spawn(start.via, router=self._router, preload=start.preload)
         if start.method == "forkserver":
             return await self._forkservers.spawn(
                 start.preload, debug_sleep=debug_sleep, isolation=start.isolation
@@ -552,13 +573,19 @@ class Supervisor:
         except ForkServerError as exc:
             self._failed_starts += 1
             raise _BootFailed(f"its fork server failed: {exc.detail}") from exc
+        except SSHError as exc:
+            self._failed_starts += 1
+            raise _BootFailed(f"its host could not be reached: {exc.detail}") from exc
 
     async def _boot(self, ctx: Context, run: _Incarnation, spawned: Spawned, blob: bytes) -> Route:
         life = run.life
         policy = life.policy
         router = self._router
+        shipping = self._shipping(spawned)
         try:
             with trio.fail_after(policy.ready_timeout + life.debug_sleep):
+                if shipping is not None:
+                    await shipping.before_link()
                 link, _resource = await accept_link(
                     spawned.stream, max_message_size=policy.max_message_size
                 )
@@ -566,7 +593,7 @@ class Supervisor:
                 info = ContextInfo(ctx.id, life.name, router.id, life.pid or 0)
                 route = await router.add_child_route(link, info, run, trusted=life.trusted)
                 life.advance(State.CREATED)
-                boot = Bootstrap(
+                boot: Bootstrap = Bootstrap(
                     context_id=ctx.id,
                     name=life.name,
                     parent_id=router.id,
@@ -580,6 +607,8 @@ class Supervisor:
                     main_module=main_module_spec(),
                     trusted=life.trusted,
                 )
+                if shipping is not None:
+                    boot = _ship(shipping, boot, route)
                 await link.send(_wire.pack(_wire.make(ctx.id, router.id, Handle.BOOTSTRAP, boot)))
                 self._service.start_soon(_pump, router, route, life, run.pump_scope())
                 await life.wait_until(
@@ -601,6 +630,14 @@ class Supervisor:
         if life.stop_requested:
             raise _BootFailed("it was stopped while starting")
         raise _BootFailed(f"it exited while starting (link closed with code {link.close_code})")
+
+    def _shipping(self, spawned: Spawned) -> Shipping | None:
+        """For a child whose runtime is shipped to it: what its parent does for it."""
+        if isinstance(spawned, ShippedSpawn):
+            return spawned.shipping
+        if self._spawner is None:
+            return local_shipping(self._router)
+        return None
 
     @staticmethod
     def _note_link_fault(run: _Incarnation) -> None:
@@ -663,6 +700,12 @@ async def _closing(start: Callable[[], Awaitable[Context]]) -> AsyncIterator[Con
         yield ctx
     finally:
         await ctx.aclose()
+
+
+def _ship(shipping: Shipping, boot: Bootstrap, route: Route) -> Bootstrap:
+    """A shipped child's bootstrap; its link set to send modules ahead of pickles."""
+    shipping.attach(route)
+    return shipping.bootstrap(boot)
 
 
 class _BootFailed(Exception):
@@ -750,6 +793,7 @@ async def open_supervisor(
     start_method: str | None = None,
     preload: Iterable[str] | None = None,
     isolation: Isolation | None = None,
+    via: SSH | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Open a supervisor: every child started in it is shut down and reaped before
     the block exits.
@@ -781,18 +825,24 @@ async def open_supervisor(
             one that fails to import fails here.
         isolation: how children are confined unless
             :meth:`~Supervisor.start_child` says otherwise (see :class:`Isolation`).
+        via: the host children run on unless :meth:`~Supervisor.start_child` says
+            otherwise: ``None`` for this one, or :func:`nursery_procs.ssh` (see
+            :doc:`remote`). Connections to other hosts are made when a child
+            first needs one, shared by the children there, and closed at the
+            end of the block.
 
     Raises:
         ForkServerError: the fork server could not start (for example a
             ``preload`` module failed to import); nothing is left running.
-        ValueError, TypeError: an unknown start method or a bad preload list.
+        ValueError, TypeError: an unknown start method, a bad preload list, or
+            isolation for children on another host.
 
     **Cancellation / errors:** however the block exits (normally, by an exception,
     by cancellation or Ctrl-C), every child gets SHUTDOWN, its grace period, then
     SIGTERM and SIGKILL as needed, and is reaped. Children are closed concurrently.
     An exception from the block propagates as itself, not wrapped in a group.
     """
-    start = StartOptions.build(start_method, preload, isolation)
+    start = StartOptions.build(start_method, preload, isolation, via)
     router = current_router()
     if not siblings_may_talk:
         router.siblings_may_talk = False
@@ -811,7 +861,12 @@ async def open_supervisor(
             supervisor._service = await nursery.start(supervisor._host_services)
             supervisor._forkservers = ForkServers(supervisor._service, supervisor.policy)
             try:
-                if start.method == "forkserver" and start.preload and spawner is None:
+                if (
+                    start.method == "forkserver"
+                    and start.preload
+                    and start.via is None
+                    and spawner is None
+                ):
                     # Now, so that a preload that fails to import fails here.
                     await supervisor._forkservers.get(start.preload)
                 yield supervisor
@@ -819,5 +874,7 @@ async def open_supervisor(
                 with trio.CancelScope(shield=True):
                     await supervisor._close_all()
                     await supervisor._forkservers.aclose()
+                    if supervisor._ssh is not None:
+                        await supervisor._ssh.aclose()
                 supervisor._closed = True
                 supervisor._service_done.set()

@@ -75,6 +75,11 @@ class Handle(enum.IntEnum):
     READY = 12
     #: Cancel the work a request or call started: the payload is its ``reply_to``.
     CANCEL = 13
+    #: Child to parent: send me this module (a shipped runtime lacks it); the
+    #: reply carries module records (see ``nursery_procs._importer``).
+    GET_MODULE = 14
+    #: Parent to child: module records sent ahead of the message that needs them.
+    LOAD_MODULE = 15
 
 
 FIRST_DYNAMIC_HANDLE = 100

@@ -1,0 +1,74 @@
+"""Functions the remote tests run on the "remote" side, where this module (and
+whatever it imports) is shipped: that Python has neither nursery_procs nor trio."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+import trio
+
+import nursery_procs
+
+
+def where() -> dict[str, Any]:
+    """Where this runs, and where its trio came from."""
+    return {
+        "pid": os.getpid(),
+        "pgid": os.getpgid(0),
+        "isolated": sys.flags.isolated,
+        "no_site": sys.flags.no_site,
+        "trio_loader": type(trio.__loader__).__name__,
+        "nursery_procs_loader": type(nursery_procs.__loader__).__name__,
+        "this_loader": type(sys.modules[__name__].__loader__).__name__,
+    }
+
+
+async def serve_echo() -> None:
+    """Answer every context's requests with what they sent."""
+    await nursery_procs.serve_requests(lambda obj: obj)
+
+
+def import_here(name: str) -> str:
+    """Import *name* (a sync call: in a worker thread, where a missing module can
+    be fetched from the parent); say where it came from."""
+    module = importlib.import_module(name)
+    return type(module.__loader__).__name__
+
+
+async def import_on_the_loop(name: str) -> str:
+    """Import *name* on the event loop's thread."""
+    module = importlib.import_module(name)
+    return type(module.__loader__).__name__
+
+
+def chatter(text: str) -> None:
+    print(f"stdout: {text}")
+    print(f"stderr: {text}", file=sys.stderr)
+    logging.getLogger("remote.chatter").warning("logged: %s", text)
+
+
+async def nest() -> None:
+    """Start a grandchild on this host (its runtime shipped from here), tell the
+    parent its id, then wait to be shut down."""
+    async with nursery_procs.open_supervisor() as sup:
+        grandchild = await sup.start_child(serve_echo, name="grandchild")
+        await nursery_procs.parent().send(grandchild.id)
+        await trio.sleep_forever()
+
+
+async def tell(context_id: int, obj: Any) -> str:
+    """Send *obj* to any context, by id."""
+    await nursery_procs.context_by_id(context_id).send(obj)
+    return "sent"
+
+
+def shipped_here(name: str) -> bool:
+    """Whether this runtime holds *name* among the modules shipped to it."""
+    from nursery_procs import _importer
+
+    hook = _importer.installed()
+    return hook is not None and name in hook.records

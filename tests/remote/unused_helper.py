@@ -1,0 +1,3 @@
+"""A module nothing imports ahead: the remote tests import it at run time."""
+
+VALUE = 42

@@ -1,0 +1,3 @@
+"""A module nothing imports ahead: a remote grandchild fetches it at run time."""
+
+VALUE = 43
