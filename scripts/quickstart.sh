@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The two quick-start commands:
 #   scripts/quickstart.sh serve [server options]   set up, then run the collaborative server
-#   scripts/quickstart.sh test  [pytest options]   set up (Debian's Chromium and python3-doc
-#                                                  included, as root), then run the tests
+#   scripts/quickstart.sh test  [pytest options]   set up (Debian's Chromium, python3-doc and
+#                                                  openssh-server included, as root), then run
+#                                                  the tests
 # and for maintainers:
 #   scripts/quickstart.sh check                    lint, type check and docs build (via nox)
 #   scripts/quickstart.sh bench [--quick]          every benchmark
@@ -29,11 +30,13 @@ setup() {  # $1: the extras to install
 
 install_debian_packages() {
     # Debian's Chromium for the browser tests (Playwright drives it; no browser is
-    # downloaded), and python3-doc, whose objects.inv the docs build and the docs test
-    # read for links to Python's documentation (offline).
+    # downloaded), python3-doc, whose objects.inv the docs build and the docs test
+    # read for links to Python's documentation (offline), and openssh-server, whose
+    # sshd the tests of contexts on other hosts start on 127.0.0.1.
     local missing=()
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     [ -f /usr/share/doc/python3/html/objects.inv ] || missing+=(python3-doc)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
     if [ ${#missing[@]} -eq 0 ]; then
         return
     fi
@@ -42,7 +45,8 @@ install_debian_packages() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
         echo "note: install the Debian packages ${missing[*]}: the browser tests skip" \
-            "without chromium, and the docs need python3-doc" >&2
+            "without chromium, the remote tests without openssh-server, and the docs" \
+            "need python3-doc" >&2
     fi
 }
 

@@ -71,15 +71,18 @@ class SSHServer(NamedTuple):
 
     def connection_pids(self) -> list[int]:
         """The server's per-connection processes (its listener's children)."""
-        return _children_of(self.process.pid)
+        return children_of(self.process.pid)
 
 
-def _children_of(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(child) for child in text.split()]
+def children_of(pid: int) -> list[int]:
+    """The children of process *pid* (started by any of its threads)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
 
 
 def _free_port() -> int:

@@ -72,3 +72,37 @@ def shipped_here(name: str) -> bool:
 
     hook = _importer.installed()
     return hook is not None and name in hook.records
+
+
+async def serve_never() -> None:
+    """Take requests and never answer them."""
+
+    async def hold(obj: Any) -> Any:
+        await trio.sleep_forever()
+
+    await nursery_procs.serve_requests(hold)
+
+
+def block_the_loop() -> None:
+    """A sync target: it runs on the event loop's thread and never returns, so
+    SHUTDOWN is never read."""
+    import time
+
+    time.sleep(3600)
+
+
+def ignore_sigterm_and_block() -> None:
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(3600)
+
+
+async def crash_once(marker: str) -> None:
+    """Exit with status 3 the first time (no *marker* file yet), then serve."""
+    path = trio.Path(marker)
+    if not await path.exists():
+        await path.write_text("crashed")
+        raise SystemExit(3)
+    await trio.sleep_forever()

@@ -7,9 +7,11 @@ import logging
 import subprocess
 
 import pytest
+import trio
 
 import nursery_procs
 from nursery_procs import State
+from nursery_procs.testing import wait_process_gone
 
 from . import targets
 from .conftest import REMOTE_PYTHON, SSHServer
@@ -83,3 +85,25 @@ async def test_a_run_time_import_on_the_event_loop_says_to_preload(sshd: SSHServ
         ctx = await sup.start_child(None, name="loop", via=sshd.via())
         with pytest.raises(ModuleNotFoundError, match="preload"):
             await ctx.call(targets.import_on_the_loop, "remote.unused_helper")
+
+
+async def test_preloaded_modules_are_there_for_run_time_imports(sshd: SSHServer) -> None:
+    async with nursery_procs.open_supervisor() as sup:
+        ctx = await sup.start_child(
+            None, name="ahead", via=sshd.via(), preload=["remote.unused_helper"]
+        )
+        assert await ctx.call(targets.import_on_the_loop, "remote.unused_helper") == "Importer"
+
+
+async def test_contexts_on_one_host_share_one_connection(sshd: SSHServer) -> None:
+    async with nursery_procs.open_supervisor(via=sshd.via()) as sup:
+        first = await sup.start_child(targets.serve_echo, name="first")
+        async with sup.open_child(targets.serve_echo, name="second") as second:
+            third = await sup.start_child(targets.serve_echo, name="third")
+            for ctx in (first, second, third):
+                assert await ctx.request(ctx.name) == ctx.name
+            (connection,) = sshd.connection_pids()
+        assert second.state is State.EXITED
+    # Closed with the supervisor.
+    with trio.fail_after(10):
+        await wait_process_gone(connection)
