@@ -26,6 +26,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import marshal
 import os
 import pickletools
@@ -270,9 +271,32 @@ def _imports_in(code: types.CodeType) -> Iterator[tuple[str, object, object]]:
             yield code.co_names[arg], last[0], last[1]
 
 
-def imported_names(record: ModuleRecord) -> set[str]:
-    """Every module name a module's code may import: its ``import`` statements,
-    in functions too, relative ones resolved, with ``from x import y`` counted
+def _module_level_imports(code: types.CodeType) -> Iterator[tuple[str, object, object]]:
+    """Like :func:`_imports_in`, skipping ``if TYPE_CHECKING:`` blocks (imports
+    for the type checker, never run)."""
+    instructions = list(dis.get_instructions(code))
+    last: list[object] = [None, None]
+    skip_to = -1
+    for ins, following in zip(instructions, [*instructions[1:], None], strict=True):
+        if ins.offset < skip_to:
+            continue
+        if (
+            ins.argval == "TYPE_CHECKING"
+            and following is not None
+            and "JUMP" in following.opname
+            and "FALSE" in following.opname
+        ):
+            skip_to = following.argval
+        elif ins.opcode in (_LOAD_CONST, _LOAD_SMALL_INT):
+            last = [last[1], ins.argval]
+        elif ins.opcode == _IMPORT_NAME:
+            yield ins.argval, last[0], last[1]
+
+
+def imported_names(record: ModuleRecord, *, in_functions: bool = True) -> set[str]:
+    """Every module name a module's code may import: its ``import`` statements
+    (also those in functions, unless not *in_functions*; never those under ``if
+    TYPE_CHECKING:``), relative ones resolved, with ``from x import y`` counted
     as ``x.y`` as well (``y`` may be a submodule), and their parent packages."""
     if record.kind == MISSING:
         return set()
@@ -284,9 +308,12 @@ def imported_names(record: ModuleRecord) -> set[str]:
     pending = [top]
     while pending:
         code = pending.pop()
-        for name, level, fromlist in _imports_in(code):
+        function = bool(code.co_flags & inspect.CO_NEWLOCALS)
+        found = _imports_in(code) if function else _module_level_imports(code)
+        for name, level, fromlist in found:
             _add_import(names, name, level, fromlist, record)
-        pending.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        nested = (c for c in code.co_consts if isinstance(c, types.CodeType))
+        pending.extend(c for c in nested if in_functions or not c.co_flags & inspect.CO_NEWLOCALS)
     return names
 
 

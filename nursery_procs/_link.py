@@ -120,6 +120,18 @@ def _remaining(chunks: tuple[bytes, ...], written: int) -> list[bytes | memoryvi
     return left
 
 
+def _descriptors(stream: trio.abc.Stream) -> tuple[int, int]:
+    """The descriptors to read and write *stream* through directly, or -1s."""
+    if isinstance(stream, trio.SocketStream):
+        fd = stream.socket.fileno()
+        return fd, fd
+    if isinstance(stream, trio.StapledStream):
+        receive, send = stream.receive_stream, stream.send_stream
+        if isinstance(receive, trio.lowlevel.FdStream) and isinstance(send, trio.lowlevel.FdStream):
+            return receive.fileno(), send.fileno()
+    return -1, -1
+
+
 def _valid_close_code(code: int) -> bool:
     """Whether a peer may send *code* in a close frame (RFC 6455 section 7.4)."""
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
@@ -185,11 +197,12 @@ class Link(trio.abc.Channel[bytes]):
         initial: bytes = b"",
     ) -> None:
         self.stream = stream
-        # Over a socket, frames are read and written with direct non-blocking
-        # system calls on its descriptor, waiting through Trio only when the socket
-        # is not ready: Trio's socket methods add two scheduling rounds to every
-        # call (see docs/design.rst). -1: another kind of stream, used as it is.
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        # Over a socket (or a pair of pipes: a link over ssh), frames are read and
+        # written with direct non-blocking system calls on its descriptors, waiting
+        # through Trio only when they are not ready: Trio's stream methods add two
+        # scheduling rounds to every call (see docs/design.rst). -1: another kind
+        # of stream, used as it is.
+        self._in_fd, self._out_fd = _descriptors(stream)
         # Messages moved without waiting since the last yield to other tasks.
         self._unyielded = 0
         self.client = client
@@ -272,7 +285,7 @@ class Link(trio.abc.Channel[bytes]):
             written = 0
             done = False
             try:
-                if self._fd < 0:
+                if self._out_fd < 0:
                     for chunk in chunks:
                         await self.stream.send_all(chunk)
                         written += len(chunk)
@@ -304,7 +317,7 @@ class Link(trio.abc.Channel[bytes]):
         """Write *chunks* to the socket; return how many bytes were written (all of
         them, unless cancelled while the socket was full: then the error says how
         many, in ``written``)."""
-        fd = self._fd
+        fd = self._out_fd
         total = sum(map(len, chunks))
         written = 0
         pending: list[bytes | memoryview] = list(chunks)
@@ -357,7 +370,7 @@ class Link(trio.abc.Channel[bytes]):
         """
         if self.close_code is not None:
             raise self._closed_error()
-        if self._fd >= 0:
+        if self._in_fd >= 0:
             await self._checkpoint()
         try:
             while True:
@@ -401,7 +414,7 @@ class Link(trio.abc.Channel[bytes]):
 
     async def _fill(self, needed: int) -> None:
         buf = self._buf
-        fd = self._fd
+        fd = self._in_fd
         while len(buf) < needed:
             if fd < 0:
                 data = await self.stream.receive_some(max(_READ_SIZE, needed - len(buf)))
@@ -513,7 +526,8 @@ class Link(trio.abc.Channel[bytes]):
             self.close_reason = reason
 
     async def _close_stream(self) -> None:
-        self._fd = -1  # never touch the descriptor again: its number may be reused
+        # Never touch the descriptors again: their numbers may be reused.
+        self._in_fd = self._out_fd = -1
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)
 

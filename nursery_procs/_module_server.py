@@ -69,7 +69,7 @@ class ModuleServer:
         #: Where requests forwarded to the parent run (set in a shipped runtime).
         self.nursery: trio.Nursery | None = None
         self._found: dict[tuple[str, bool], ModuleRecord] = {}
-        self._imports: dict[str, frozenset[str]] = {}
+        self._imports: dict[tuple[str, bool], frozenset[str]] = {}
         self._bundles: dict[bool, tuple[frozenset[str], bytes]] = {}
         #: Bytes of module records sent by this process, bundles included.
         self.bytes_sent = 0
@@ -109,8 +109,9 @@ class ModuleServer:
             return name in self.importer.records
         return name in sys.modules
 
-    def imports_of(self, record: ModuleRecord) -> frozenset[str]:
-        names = self._imports.get(record.name)
+    def imports_of(self, record: ModuleRecord, *, in_functions: bool = True) -> frozenset[str]:
+        key = (record.name, in_functions)
+        names = self._imports.get(key)
         if names is None:
             if self.importer is None and record.kind == _importer.SOURCE:
                 # Scanning compiled code read from this host's bytecode cache is
@@ -118,17 +119,23 @@ class ModuleServer:
                 compiled = self.record(record.name, code=True)
                 if compiled is not None and compiled.kind == _importer.CODE:
                     record = compiled
-            names = frozenset(_importer.imported_names(record))
-            self._imports[record.name] = names
+            names = frozenset(_importer.imported_names(record, in_functions=in_functions))
+            self._imports[key] = names
         return names
 
     def closure(
-        self, names: Iterable[str], sent: set[str], *, code: bool = False
+        self,
+        names: Iterable[str],
+        sent: set[str],
+        *,
+        code: bool = False,
+        in_functions: bool = True,
     ) -> tuple[list[ModuleRecord], list[str]]:
         """The records to send for *names* over a link that has had *sent*: each
-        module, its parent packages and what it imports (if available here),
-        less the standard library and what was sent. Returns them and the names
-        this process does not know (for its parent to answer)."""
+        module, its parent packages and what it imports (if available here; in
+        its functions too, if *in_functions*), less the standard library and what
+        was sent. Returns them and the names this process does not know (for its
+        parent to answer)."""
         out: list[ModuleRecord] = []
         unknown: list[str] = []
         queue = [(self._shipped_name(name), True) for name in names]
@@ -148,7 +155,8 @@ class ModuleServer:
             parts = name.split(".")
             queue.extend((".".join(parts[:i]), True) for i in range(1, len(parts)))
             if record.kind != MISSING:
-                queue.extend((n, False) for n in self.imports_of(record))
+                imports = self.imports_of(record, in_functions=in_functions)
+                queue.extend((n, False) for n in imports)
         return out, unknown
 
     def _shipped_name(self, name: str) -> str | None:
@@ -170,7 +178,12 @@ class ModuleServer:
 
             importlib.import_module(RUNTIME_ENTRY)  # a layer above this one
             sent = {_importer.__name__}
-            records, _ = self.closure([RUNTIME_ENTRY, *RUNTIME_EXTRAS], sent, code=code)
+            # What importing the runtime imports: not what its functions may
+            # import at run time (a test run's pytest, say), which is fetched if
+            # it is ever needed.
+            records, _ = self.closure(
+                [RUNTIME_ENTRY, *RUNTIME_EXTRAS], sent, code=code, in_functions=False
+            )
             bundle = (frozenset(sent), _importer.encode_records(records))
             self._bundles[code] = bundle
         return bundle

@@ -20,7 +20,7 @@ from nursery_procs import ChildStartError, ContextDied, MessageUndeliverable, Po
 from nursery_procs.testing import wait_process_gone
 
 from . import targets
-from .conftest import REMOTE_PYTHON, SSHServer, children_of
+from .sshd import REMOTE_PYTHON, SSHServer, children_of
 
 MASTER = Path(__file__).parent / "scripts" / "remote_master.py"
 

@@ -14,7 +14,7 @@ from nursery_procs import State
 from nursery_procs.testing import wait_process_gone
 
 from . import targets
-from .conftest import REMOTE_PYTHON, SSHServer
+from .sshd import REMOTE_PYTHON, SSHServer
 
 
 def test_the_remote_python_cannot_import_the_runtime(sshd: SSHServer) -> None:

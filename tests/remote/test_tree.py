@@ -8,7 +8,7 @@ import trio
 import nursery_procs
 
 from . import far_module, targets
-from .conftest import SSHServer
+from .sshd import SSHServer
 
 
 async def test_a_remote_grandchild_is_routed_both_ways(sshd: SSHServer) -> None:
