@@ -26,12 +26,9 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import trio
 
 import nursery_procs
 from nursery_procs import _importer
@@ -128,7 +125,7 @@ async def shipped(sshd: SSHServer) -> dict[str, Any]:
     async with nursery_procs.open_supervisor() as sup:
         await sup.start_child(None, via=sshd.via())
         sent = server.bytes_sent - before
-    names, bundle = server.runtime_bundle(code=True)
+    _, bundle = server.runtime_bundle(code=True)
     records = _importer.decode_records(bundle)
     by_package: Counter[str] = Counter()
     for record in records:
@@ -149,7 +146,10 @@ async def shipped(sshd: SSHServer) -> dict[str, Any]:
 
 async def main(quick: bool) -> dict[str, Any]:
     if not available():
-        raise SystemExit("bench_remote needs OpenSSH (server and client): apt-get install openssh-server")
+        print(
+            "skipped: OpenSSH (server and client) is not installed (apt-get install openssh-server)"
+        )
+        return {}
     with running_sshd() as sshd:
         figures = {
             "shipped": await shipped(sshd),

@@ -562,7 +562,15 @@ class _Fetcher(importlib.abc.MetaPathFinder):
                 "the parent had not imported): list it in preload= to ship it ahead",
                 name=fullname,
             )
-        importer.add(fetch(fullname))
+        try:
+            records = fetch(fullname)
+        except Exception as exc:  # whatever stopped the parent from answering
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r} on this host, and asking the parent for "
+                f"it failed: {type(exc).__name__}: {exc}",
+                name=fullname,
+            ) from exc
+        importer.add(records)
         return importer.find_spec(fullname, path, target)
 
     def _from_parent(self, fullname: str) -> bool:

@@ -51,10 +51,10 @@ def chatter(text: str) -> None:
     logging.getLogger("remote.chatter").warning("logged: %s", text)
 
 
-async def nest() -> None:
+async def nest(start_method: str | None = None) -> None:
     """Start a grandchild on this host (its runtime shipped from here), tell the
     parent its id, then wait to be shut down."""
-    async with nursery_procs.open_supervisor() as sup:
+    async with nursery_procs.open_supervisor(start_method=start_method) as sup:
         grandchild = await sup.start_child(serve_echo, name="grandchild")
         await nursery_procs.parent().send(grandchild.id)
         await trio.sleep_forever()

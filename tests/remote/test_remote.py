@@ -107,3 +107,15 @@ async def test_contexts_on_one_host_share_one_connection(sshd: SSHServer) -> Non
     # Closed with the supervisor.
     with trio.fail_after(10):
         await wait_process_gone(connection)
+
+
+async def test_an_untrusted_remote_child_is_sent_modules_but_not_served_on_request(
+    sshd: SSHServer,
+) -> None:
+    async with nursery_procs.open_supervisor() as sup:
+        ctx = await sup.start_child(targets.serve_echo, name="wary", via=sshd.via(), trusted=False)
+        # What its parent sends (its target's module, a call's) it has.
+        assert (await ctx.call(targets.where))["this_loader"] == "Importer"
+        assert await ctx.request([1, "two"]) == [1, "two"]
+        with pytest.raises(ModuleNotFoundError, match="not served to untrusted contexts"):
+            await ctx.call(targets.import_here, "remote.unused_helper")

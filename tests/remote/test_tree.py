@@ -3,6 +3,7 @@ child there (started with the runtime it was shipped)."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 import nursery_procs
@@ -11,9 +12,10 @@ from . import far_module, targets
 from .sshd import SSHServer
 
 
-async def test_a_remote_grandchild_is_routed_both_ways(sshd: SSHServer) -> None:
+@pytest.mark.parametrize("start_method", ["exec", "forkserver"])
+async def test_a_remote_grandchild_is_routed_both_ways(sshd: SSHServer, start_method: str) -> None:
     async with nursery_procs.open_supervisor() as sup:
-        middle = await sup.start_child(targets.nest, name="middle", via=sshd.via())
+        middle = await sup.start_child(targets.nest, start_method, name="middle", via=sshd.via())
         with trio.fail_after(60):
             grandchild_id = await middle.receive()
         grandchild = nursery_procs.context_by_id(grandchild_id)
