@@ -28,6 +28,7 @@ from ._asking import OnCancel
 from ._errors import ContextError, LinkClosed, WireError
 from ._importer import MISSING, SHIPPED_MAIN, ModuleRecord
 from ._process import Spawned
+from ._remote import failed
 from ._router import Route, Router
 from ._spec import Bootstrap, main_module_spec
 from ._wire import Handle, Message
@@ -203,7 +204,7 @@ class ModuleServer:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a module name is a string, not {name!r:.80}")
         except (WireError, ValueError) as exc:
-            return self._reply(msg, (False, ("ValueError", str(exc), "")))
+            return self._reply(msg, failed(ValueError(str(exc)), data_only=True))
         records, unknown = self.closure([name], pusher.sent)
         if unknown and self.nursery is not None and self.router.parent_route is not None:
             self.nursery.start_soon(self._forward, msg, pusher, name, records)

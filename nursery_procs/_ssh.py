@@ -55,6 +55,11 @@ def _check_word(instance: object, attribute: attrs.Attribute[str], value: object
         raise ValueError(f"{attribute.name} must be a one-line command, not {value!r}")
 
 
+def _check_sessions(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if type(value) is not int or value < 3:
+        raise ValueError(f"max_sessions must be an int >= 3, not {value!r}")
+
+
 def _check_path(instance: object, attribute: attrs.Attribute[str | None], value: object) -> None:
     if value is not None and (not isinstance(value, str) or not value or "\n" in value):
         raise ValueError(f"{attribute.name} must be a path, not {value!r}")
@@ -80,6 +85,10 @@ class SSH:
     options: tuple[tuple[str, str], ...] = attrs.field(default=(), validator=_check_options)
     #: The ssh client to run.
     ssh_command: str = attrs.field(default="ssh", validator=_check_word)
+    #: Sessions the host's SSH server allows on one connection (its
+    #: ``MaxSessions``); beyond ``max_sessions - 2`` contexts (a session is the
+    #: connection's own, one is kept for signals) another connection is made.
+    max_sessions: int = attrs.field(default=10, validator=_check_sessions)
 
     @property
     def connection(self) -> SSH:
@@ -114,6 +123,7 @@ def ssh(
     config_file: str | os.PathLike[str] | None = None,
     options: Mapping[str, str] | None = None,
     ssh_command: str = "ssh",
+    max_sessions: int = 10,
 ) -> SSH:
     """Start contexts on another host through the system's ``ssh`` command: pass the
     result as ``via=`` to :meth:`Supervisor.start_child` (or ``open_child``, or a
@@ -137,6 +147,10 @@ def ssh(
             ``ControlPersist`` and ``BatchMode`` are set by nursery_procs, and
             ``StrictHostKeyChecking=no`` is refused.
         ssh_command: the ssh client to run.
+        max_sessions: how many sessions the host's SSH server allows on one
+            connection (its ``MaxSessions``, 10 unless its configuration says
+            otherwise): up to ``max_sessions - 2`` contexts share a connection,
+            and more make another.
 
     Raises:
         ValueError: a value is not valid (the message says which).
@@ -149,4 +163,5 @@ def ssh(
         None if config_file is None else os.fspath(config_file),
         tuple((options or {}).items()),
         ssh_command,
+        max_sessions,
     )

@@ -63,6 +63,7 @@ class RemoteProcess:
         self.remote_pid: int | None = None
         self.remote_pgid: int | None = None
         self._signalled: int | None = None
+        self._released = False
         self.stderr = process.stderr
         #: Its standard output carries the link, not output to log.
         self.stdout: trio.abc.ReceiveStream | None = None
@@ -87,6 +88,9 @@ class RemoteProcess:
 
     async def wait(self) -> int:
         await self._client.wait()
+        if not self._released:
+            self._released = True
+            self._master.contexts -= 1  # its session is free again
         code = self.returncode
         assert code is not None
         return code
@@ -144,6 +148,8 @@ class _Master:
         self.nursery = nursery
         self.process: trio.Process | None = None
         self.up = False
+        #: The contexts running over this connection (sessions in use).
+        self.contexts = 0
         self.stderr_tail = new_tail()
         self.done = trio.Event()
 
@@ -167,17 +173,21 @@ class _Master:
             self.key.destination,
             _MASTER_COMMAND,
         ]
+        try:
+            process = self.process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                process_group=0,
+            )
+        except OSError as exc:
+            self.done.set()
+            raise SSHError(self.key.destination, f"cannot run {argv[0]!r}: {exc}") from None
+        assert process.stdout is not None and process.stderr is not None
         why: str | None = None
         try:
             async with trio.open_nursery() as nursery:
-                process = self.process = await trio.lowlevel.open_process(
-                    argv,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    process_group=0,
-                )
-                assert process.stdout is not None and process.stderr is not None
                 nursery.start_soon(self._log_stderr, process.stderr)
                 why = await self._wait_ready(process.stdout, policy)
                 if why is None:
@@ -251,26 +261,33 @@ class SSHConnections:
         self._nursery = nursery
         self._policy = policy
         self._folder: str | None = None
-        self._masters: dict[SSH, _Master] = {}
+        self._masters: dict[SSH, list[_Master]] = {}
         self._locks: dict[SSH, trio.Lock] = {}
         self._stage2: bytes | None = None
         #: SSH connections made (a connection made again after it was lost counts twice).
         self.connected_total = 0
 
     async def _master(self, key: SSH) -> _Master:
+        """A connection to *key*'s host with a session free for a new context:
+        its server allows ``max_sessions`` sessions on one connection, of which
+        the master's own takes one and signals may need another."""
         lock = self._locks.setdefault(key, trio.Lock())
         async with lock:
-            master = self._masters.get(key)
-            if master is not None and master.up:
-                return master
+            masters = self._masters.setdefault(key, [])
+            masters[:] = [m for m in masters if m.up]
+            for master in masters:
+                if master.contexts < key.max_sessions - 2:
+                    master.contexts += 1
+                    return master
             if self._folder is None:
                 # Private (0700): nobody else may use or replace the control sockets.
                 self._folder = tempfile.mkdtemp(prefix="nursery-procs-ssh-")
             path = os.path.join(self._folder, str(self.connected_total))
             master = _Master(key, path, self._nursery)
             await self._nursery.start(partial(master.run, self._policy))
-            self._masters[key] = master
+            masters.append(master)
             self.connected_total += 1
+            master.contexts += 1
             return master
 
     async def spawn(self, via: SSH, *, router: Router, preload: Iterable[str] = ()) -> ShippedSpawn:
@@ -280,13 +297,17 @@ class SSHConnections:
             SSHError: the host cannot be reached.
         """
         master = await self._master(via.connection)
-        process = await trio.lowlevel.open_process(
-            master.client_command(via.remote_command()),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            process_group=0,
-        )
+        try:
+            process = await trio.lowlevel.open_process(
+                master.client_command(via.remote_command()),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                process_group=0,
+            )
+        except BaseException:
+            master.contexts -= 1
+            raise
         assert process.stdin is not None and process.stdout is not None
         remote = RemoteProcess(process, master)
         server = server_for(router)
@@ -329,8 +350,9 @@ class SSHConnections:
     async def aclose(self) -> None:
         """Close every connection (their contexts are closed already) and the folder."""
         async with trio.open_nursery() as nursery:
-            for master in self._masters.values():
-                nursery.start_soon(master.aclose, self._policy.kill_after)
+            for masters in self._masters.values():
+                for master in masters:
+                    nursery.start_soon(master.aclose, self._policy.kill_after)
         self._masters.clear()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)

@@ -63,6 +63,18 @@ class SSHServer(NamedTuple):
         settings.update(overrides)
         return nursery_procs.ssh(f"{self.user}@127.0.0.1", **settings)  # type: ignore[arg-type]
 
+    def settings(self) -> dict[str, object]:
+        """:meth:`via`'s settings as plain data, for a script of its own."""
+        via = self.via()
+        return {
+            "destination": via.destination,
+            "port": via.port,
+            "python": via.python,
+            "identity_file": via.identity_file,
+            "config_file": via.config_file,
+            "options": dict(via.options),
+        }
+
     def ssh_argv(self, *command: str) -> list[str]:
         """A plain ``ssh`` command line to this server (not shared)."""
         via = self.via()
@@ -148,7 +160,6 @@ def running_sshd(marker: str | None = None) -> Iterator[SSHServer]:
         # The keys live in a temporary folder under /tmp, which other users may write.
         "StrictModes no\n"
         f"PidFile {folder / 'sshd.pid'}\n"
-        "MaxSessions 100\n"
         "MaxStartups 100\n"
         f"SetEnv {session_env}\n"
         "LogLevel VERBOSE\n"

@@ -106,3 +106,15 @@ async def crash_once(marker: str) -> None:
         await path.write_text("crashed")
         raise SystemExit(3)
     await trio.sleep_forever()
+
+
+async def ask_parent_for_module(name: object) -> str:
+    """Ask the parent for a module by hand; say how that went."""
+    from nursery_procs._wire import Handle
+
+    router = nursery_procs.current_router()
+    try:
+        got = await router.request(router.parent_route.peer_id, Handle.GET_MODULE, name, data=True)  # type: ignore[union-attr]
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return f"{len(got)} records"

@@ -124,7 +124,7 @@ async def test_an_unknown_host_key_is_refused(sshd: SSHServer, tmp_path: Path) -
     assert "Host key verification failed" in str(caught.value.__cause__)
 
 
-def test_turning_host_key_checking_off_is_refused() -> None:
+def test_bad_ssh_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="host key checking stays on"):
         nursery_procs.ssh("host", options={"StrictHostKeyChecking": "no"})
     with pytest.raises(ValueError, match="set by nursery_procs"):
@@ -137,6 +137,22 @@ def test_turning_host_key_checking_off_is_refused() -> None:
         nursery_procs.ssh("host", python="")
     with pytest.raises(ValueError, match="option names"):
         nursery_procs.ssh("host", options={"Bad Name": "1"})
+    with pytest.raises(ValueError, match="max_sessions"):
+        nursery_procs.ssh("host", max_sessions=2)
+    with pytest.raises(TypeError, match="via must be"):
+        nursery_procs._process.StartOptions(via="host")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="isolation is not available"):
+        nursery_procs._process.StartOptions(
+            isolation=nursery_procs.Isolation(network=True), via=nursery_procs.ssh("host")
+        )
+
+
+async def test_a_missing_ssh_command_is_a_start_error(sshd: SSHServer) -> None:
+    async with nursery_procs.open_supervisor() as sup:
+        with pytest.raises(ChildStartError) as caught:
+            await sup.start_child(None, via=sshd.via(ssh_command="/nonexistent/ssh"))
+    assert isinstance(caught.value.__cause__, SSHError)
+    assert "cannot run '/nonexistent/ssh'" in str(caught.value)
 
 
 def _old_pythons() -> list[str]:
@@ -227,16 +243,7 @@ async def test_an_unknown_handle_there_gets_a_dead_reply(sshd: SSHServer) -> Non
 
 
 async def test_a_sigkilled_master_leaves_nothing_running_there(sshd: SSHServer) -> None:
-    via = sshd.via()
-    settings = {
-        "destination": via.destination,
-        "port": via.port,
-        "python": via.python,
-        "identity_file": via.identity_file,
-        "config_file": via.config_file,
-        "options": dict(via.options),
-    }
-    async with run_script(MASTER, json.dumps(settings)) as (master, stdout):
+    async with run_script(MASTER, json.dumps(sshd.settings())) as (master, stdout):
         with trio.fail_after(60):
             words = (await stdout.line()).decode().split()
         assert words[:1] == ["ready"], "the master exited before its remote children were up"

@@ -3,11 +3,14 @@ Python that has neither nursery_procs nor trio."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
+from pathlib import Path
 
 import pytest
 import trio
+from programs import run_script
 
 import nursery_procs
 from nursery_procs import State
@@ -119,3 +122,49 @@ async def test_an_untrusted_remote_child_is_sent_modules_but_not_served_on_reque
         assert await ctx.request([1, "two"]) == [1, "two"]
         with pytest.raises(ModuleNotFoundError, match="not served to untrusted contexts"):
             await ctx.call(targets.import_here, "remote.unused_helper")
+
+
+async def test_more_contexts_than_a_connection_allows_get_another(sshd: SSHServer) -> None:
+    # The server allows 10 sessions per connection (OpenSSH's default); say 4,
+    # as a stricter server would: 2 contexts per connection.
+    async with nursery_procs.open_supervisor(via=sshd.via(max_sessions=4)) as sup:
+        contexts = [await sup.start_child(targets.serve_echo, name=f"c{i}") for i in range(5)]
+        for ctx in contexts:
+            assert await ctx.request(ctx.name) == ctx.name
+        assert len(sshd.connection_pids()) == 3
+        # A session freed is used again.
+        await contexts[0].aclose()
+        again = await sup.start_child(targets.serve_echo, name="again")
+        assert await again.request("again") == "again"
+        assert len(sshd.connection_pids()) == 3
+
+
+async def test_modules_are_served_only_to_shipped_children_and_by_name(
+    sshd: SSHServer,
+) -> None:
+    async with nursery_procs.open_supervisor() as sup:
+        far = await sup.start_child(None, name="far", via=sshd.via())
+        local = await sup.start_child(None, name="here", start_method="exec")
+        answer = await local.call(targets.ask_parent_for_module, "json")
+        assert answer.startswith("MessageUndeliverable: context 0 serves modules only to its")
+        assert await far.call(targets.ask_parent_for_module, 123) == (
+            "ValueError: a module name is a string, not 123"
+        )
+        assert await far.call(targets.ask_parent_for_module, "remote.unused_helper") == (
+            "1 records"
+        )
+        # Sent once per link: asked again, nothing new.
+        assert await far.call(targets.ask_parent_for_module, "remote.unused_helper") == (
+            "0 records"
+        )
+
+
+async def test_a_scripts_own_functions_run_on_the_other_host(sshd: SSHServer) -> None:
+    script = Path(__file__).parent / "scripts" / "main_script.py"
+    async with run_script(script, json.dumps(sshd.settings())) as (process, stdout):
+        with trio.fail_after(60):
+            first, second = await stdout.line(), await stdout.line()
+            assert await process.wait() == 0
+    assert first.startswith(b"hello from the script, target, in ")
+    assert second.startswith(b"hello from the script, call, in ")
+    assert first.rsplit(b" ", 1)[1] != str(process.pid).encode()
