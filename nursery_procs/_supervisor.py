@@ -68,6 +68,7 @@ class ChildOptions(TypedDict, total=False):
     start_method: str | None
     preload: Iterable[str] | None
     isolation: Isolation | None
+    via: SSH | None
 
 
 class Restart(enum.Enum):

@@ -114,7 +114,9 @@ async def ask_parent_for_module(name: object) -> str:
 
     router = nursery_procs.current_router()
     try:
-        got = await router.request(router.parent_route.peer_id, Handle.GET_MODULE, name, data=True)  # type: ignore[union-attr]
+        assert router.parent_route is not None
+        parent_id = router.parent_route.peer_id
+        got = await router.asking.request(parent_id, Handle.GET_MODULE, name, data=True)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return f"{len(got)} records"

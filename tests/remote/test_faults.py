@@ -239,7 +239,7 @@ async def test_an_unknown_handle_there_gets_a_dead_reply(sshd: SSHServer) -> Non
         ctx = await sup.start_child(None, name="deadend", via=sshd.via())
         router = nursery_procs.current_router()
         with pytest.raises(MessageUndeliverable, match=f"no handle 555 in context {ctx.id}"):
-            await router.request(ctx.id, 555, "anyone?")
+            await router.asking.request(ctx.id, 555, "anyone?")
 
 
 async def test_a_sigkilled_master_leaves_nothing_running_there(sshd: SSHServer) -> None:
