@@ -280,8 +280,7 @@ class SSHConnections:
                     master.contexts += 1
                     return master
             if self._folder is None:
-                # Private (0700): nobody else may use or replace the control sockets.
-                self._folder = tempfile.mkdtemp(prefix="nursery-procs-ssh-")
+                self._folder = _control_folder()
             path = os.path.join(self._folder, str(self.connected_total))
             master = _Master(key, path, self._nursery)
             await self._nursery.start(partial(master.run, self._policy))
@@ -357,6 +356,37 @@ class SSHConnections:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+
+
+_FOLDER_PREFIX: Final = "nursery-procs-ssh-"
+
+
+def _control_folder() -> str:
+    """A new private folder (0700: nobody else may use or replace the control
+    sockets) named after this process; folders left by processes of this user
+    that are gone (killed before they could remove theirs) are removed."""
+    base = tempfile.gettempdir()
+    for entry in os.scandir(base):
+        owner, _, _ = entry.name.removeprefix(_FOLDER_PREFIX).partition("-")
+        if not entry.name.startswith(_FOLDER_PREFIX) or not owner.isdigit():
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or _alive(int(owner)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-", dir=base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def _read_until(stream: trio.abc.ReceiveStream, marker: bytes, destination: str) -> bytes:

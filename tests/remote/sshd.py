@@ -11,6 +11,7 @@ like a local one.
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import os
 import select
@@ -29,6 +30,7 @@ from typing import NamedTuple
 import nursery_procs
 from nursery_procs.testing._leaks import MARKER_ENV
 
+_PR_SET_PDEATHSIG = 1
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 #: The remote side's Python: this interpreter, isolated from every environment
 #: variable and without site-packages, so that it cannot import nursery_procs,
@@ -110,6 +112,13 @@ def _keygen(path: Path) -> None:
     )
 
 
+def _die_with_parent() -> None:
+    """In the new sshd, before exec: SIGTERM it if the test process dies (a run
+    killed before its teardown). The thread that starts it is the main one,
+    which lives as long as the process."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _wait_listening(fifo: int, process: subprocess.Popen[bytes], log: Path) -> None:
     """Wait until sshd listens: it writes its pid file (here a FIFO) once its
     sockets are bound; a pidfd tells if it exited instead."""
@@ -179,6 +188,7 @@ def running_sshd(marker: str | None = None) -> Iterator[SSHServer]:
         stderr=subprocess.DEVNULL,
         env=env,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     try:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,9 @@ async def test_a_sigkilled_master_leaves_nothing_running_there(sshd: SSHServer) 
         with trio.fail_after(10):
             for pid in [*remote_pids, *ssh_pids]:
                 await wait_process_gone(pid)
+    # Its private folder for the connection's control socket could not be
+    # removed by a killed process: the next one that needs such a folder does.
+    (left,) = await trio.Path(tempfile.gettempdir()).glob(f"nursery-procs-ssh-{master.pid}-*")
+    async with nursery_procs.open_supervisor() as sup:
+        await sup.start_child(None, name="next", via=sshd.via())
+        assert not await left.exists()
