@@ -118,21 +118,22 @@ class RemoteProcess:
         argv = self._master.client_command(f"kill -{signum} -- -{self.remote_pgid}")
         failed = True
         with trio.move_on_after(_SIGNAL_TIMEOUT):
-            result = await trio.run_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-            failed = result.returncode != 0
-            if failed:
-                log.info(
-                    "could not signal %s on %s: %s",
-                    self.remote_pgid,
-                    self._master.key.destination,
-                    result.stderr.decode(errors="replace").strip(),
+            try:
+                result = await trio.run_process(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
                 )
+            except OSError as exc:  # ssh itself could not run
+                why = str(exc)
+            else:
+                failed = result.returncode != 0
+                why = result.stderr.decode(errors="replace").strip()
+            if failed:
+                destination = self._master.key.destination
+                log.info("could not signal %s on %s: %s", self.remote_pgid, destination, why)
         if failed or signum == signal.SIGKILL:
             with trio.move_on_after(_SIGNAL_TIMEOUT if not failed else 0):
                 await self._client.wait()
