@@ -24,6 +24,15 @@ log = logging.getLogger("nursery_procs.router")
 ANY_SOURCE = -1
 
 
+def _take_queued(queue: trio.MemoryReceiveChannel[Message]) -> list[Message]:
+    taken: list[Message] = []
+    while True:
+        try:
+            taken.append(queue.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return taken
+
+
 class Answering:
     """The requests this context answers: who serves them, and those in progress."""
 
@@ -48,6 +57,29 @@ class Answering:
 
     def stop(self, src_id: int) -> None:
         self._servers.pop(src_id, None)
+
+    async def serve_all(
+        self,
+        src_id: int,
+        handler: Callable[[Any], Any],
+        queue: trio.MemoryReceiveChannel[Message] | None,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        """Answer the requests from *src_id* with *handler*: those queued so far in
+        *queue* (``None``: every context's, for :data:`ANY_SOURCE`), then each as it
+        comes, until the queue ends (the context is gone) or for ever."""
+        async with trio.open_nursery() as nursery:
+            for msg in self.queued() if queue is None else _take_queued(queue):
+                await self.answer_soon(msg, handler, nursery, None)
+            self.serve(src_id, handler, nursery)
+            task_status.started()
+            try:
+                if queue is None:
+                    await trio.sleep_forever()
+                async for _ in queue:  # nothing more is queued: it ends when the context is gone
+                    pass
+            finally:
+                self.stop(src_id)
 
     def queued(self) -> list[Message]:
         """Take every request queued (unserved) so far, from every context."""

@@ -100,16 +100,7 @@ async def serve_requests(
 
     **Cancellation:** stops serving; requests being handled are cancelled.
     """
-    router = current_router()
-    async with trio.open_nursery() as nursery:
-        router.answering.serve(ANY_SOURCE, handler, nursery)
-        try:
-            for msg in router.answering.queued():
-                await router.answering.answer_soon(msg, handler, nursery, None)
-            task_status.started()
-            await trio.sleep_forever()
-        finally:
-            router.answering.stop(ANY_SOURCE)
+    await current_router().answering.serve_all(ANY_SOURCE, handler, None, task_status)
 
 
 def in_child() -> bool:
@@ -138,6 +129,22 @@ class ContextStatistics:
     #: The isolation in force for the child, as the kernel shows it from outside
     #: (``None``: not known, such as for a context this process did not start).
     isolation: Isolation | None = None
+
+    @classmethod
+    def of(cls, life: Lifecycle | None) -> ContextStatistics:
+        """The figures of a child's current incarnation (zeros if none, or unlinked)."""
+        link = life.link if life is not None else None
+        if life is None or link is None:
+            return cls(0, 0, 0, 0, 0.0)
+        end = life.exited_at if life.exited_at is not None else trio.current_time()
+        return cls(
+            messages_in=link.messages_received,
+            messages_out=link.messages_sent,
+            bytes_in=link.bytes_received,
+            bytes_out=link.bytes_sent,
+            uptime=end - life.started_at,
+            isolation=life.isolation,
+        )
 
 
 class _Peer(Protocol):
@@ -373,19 +380,7 @@ class Context(trio.abc.Channel[Any]):
 
     def statistics(self) -> ContextStatistics:
         """Traffic and uptime, for children this process started."""
-        life = self._peer.life
-        link = life.link if life is not None else None
-        if life is None or link is None:
-            return ContextStatistics(0, 0, 0, 0, 0.0)
-        end = life.exited_at if life.exited_at is not None else trio.current_time()
-        return ContextStatistics(
-            messages_in=link.messages_received,
-            messages_out=link.messages_sent,
-            bytes_in=link.bytes_received,
-            bytes_out=link.bytes_sent,
-            uptime=end - life.started_at,
-            isolation=life.isolation,
-        )
+        return ContextStatistics.of(self._peer.life)
 
     def _died(self, detail: str = "") -> ContextDied:
         return ContextDied(self.name, self.id, self.returncode, self.stderr_tail, detail)
@@ -552,12 +547,7 @@ class Context(trio.abc.Channel[Any]):
         if kill_on_cancel and not isinstance(peer, OwnedChild):
             raise ValueError(f"kill_on_cancel needs a child this process started, not {self!r}")
         on_loop = kill_on_cancel or not in_thread
-        if kill_on_cancel:
-            on_cancel = OnCancel.ABANDON
-        elif on_loop and not (callable(fn) and inspect.iscoroutinefunction(fn)):
-            on_cancel = OnCancel.WAIT  # a sync function on the child's loop: it cannot ack
-        else:
-            on_cancel = OnCancel.CANCEL
+        on_cancel = _on_cancel(fn, kill_on_cancel=kill_on_cancel, on_loop=on_loop)
         with self._link_errors():
             try:
                 return await self._router.asking.request(
@@ -601,25 +591,7 @@ class Context(trio.abc.Channel[Any]):
         **Cancellation:** stops serving; requests still being handled are cancelled
         and their requesters get no reply until the context is gone.
         """
-        router = self._router
-        async with trio.open_nursery() as nursery:
-            # Requests that arrived before we started serving wait in the queue.
-            while True:
-                try:
-                    msg = self._requests.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                except trio.EndOfChannel:
-                    task_status.started()
-                    return
-                await router.answering.answer_soon(msg, handler, nursery, None)
-            router.answering.serve(self.id, handler, nursery)
-            task_status.started()
-            try:
-                async for msg in self._requests:  # ends when the context is gone
-                    await router.answering.answer_soon(msg, handler, nursery, None)
-            finally:
-                router.answering.stop(self.id)
+        await self._router.answering.serve_all(self.id, handler, self._requests, task_status)
 
     # -- lifetime (children you started) -------------------------------------
 
@@ -630,16 +602,12 @@ class Context(trio.abc.Channel[Any]):
         return peer.lineage
 
     async def aclose(self) -> None:
-        """Shut the child down gracefully and reap it.
-
-        For a context deeper in the tree (a grandchild), this sends it SHUTDOWN
-        through the tree and waits until its parent has reaped it and withdrawn
-        its route.
-
-        Sends SHUTDOWN; the child cancels its target, closes its own children and
-        exits. If it is still running after ``grace_period`` it gets SIGTERM, and
-        after ``kill_after`` more, SIGKILL. Idempotent: a second call waits for the
-        first to finish.
+        """Shut the child down gracefully and reap it: SHUTDOWN (the child cancels
+        its target, closes its own children and exits), then after
+        ``grace_period`` SIGTERM, after ``kill_after`` more SIGKILL. Idempotent: a
+        second call waits for the first to finish. For a context deeper in the
+        tree, SHUTDOWN goes through the tree, and this waits until its parent has
+        reaped it and withdrawn its route.
 
         **Cancellation:** shielded, with a deadline of ``grace_period + kill_after``
         plus a margin: the child is always reaped, gracefully or not.
@@ -683,10 +651,8 @@ class Context(trio.abc.Channel[Any]):
         return self._lineage().current.exited
 
     def process_exited(self) -> bool:
-        """Whether the child's process has exited, asking the kernel now: true
-        as soon as it is dead, before it is reaped (whoever reaps it: this
-        process, or the fork server that forked it). Never blocks; ``False``
-        before it started."""
+        """Whether the child's process has exited, asking the kernel now (before
+        it is reaped, whoever reaps it); ``False`` before it started."""
         process = self._lineage().current.process
         return process is not None and process.poll_exited()
 
@@ -705,6 +671,15 @@ class Context(trio.abc.Channel[Any]):
         if isinstance(value, BaseException):
             raise value
         raise self._died("it exited without reporting a result")
+
+
+def _on_cancel(fn: object, *, kill_on_cancel: bool, on_loop: bool) -> OnCancel:
+    """What a cancelled call does about its work in the child."""
+    if kill_on_cancel:
+        return OnCancel.ABANDON
+    if on_loop and not (callable(fn) and inspect.iscoroutinefunction(fn)):
+        return OnCancel.WAIT  # a sync function on the child's loop cannot acknowledge
+    return OnCancel.CANCEL
 
 
 def owned_context(

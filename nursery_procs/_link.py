@@ -108,6 +108,51 @@ def _header(opcode: int, length: int, masked: bool) -> bytes:
     return bytes((b0, mask_bit | 127)) + _U64.pack(length)
 
 
+def _first_two_bytes(b0: int, b1: int, *, client: bool) -> tuple[bool, int, bool, int]:
+    """A frame's FIN bit, opcode, MASK bit and 7-bit length, checked (RFC 6455 5.2)."""
+    opcode = b0 & 0x0F
+    if b0 & 0x70:
+        raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension)")
+    if opcode not in _OPCODES:
+        raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode 0x{opcode:x}")
+    masked = bool(b1 & 0x80)
+    if masked == client:
+        side = "server" if client else "client"
+        raise _ProtocolViolation(
+            CLOSE_PROTOCOL_ERROR,
+            f"frame from the {side} must {'not ' if client else ''}be masked",
+        )
+    return bool(b0 & 0x80), opcode, masked, b1 & 0x7F
+
+
+def _check_length(opcode: int, fin: bool, length: int, so_far: int, limit: int) -> None:
+    """Refuse a frame whose length breaks the protocol or the message size limit."""
+    if length >> 63:
+        raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "payload length has its top bit set")
+    if opcode >= OP_CLOSE:
+        if length > 125:
+            raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frame longer than 125")
+        if not fin:
+            raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
+    elif so_far + length > limit:
+        raise _ProtocolViolation(CLOSE_MESSAGE_TOO_BIG, f"message over {limit} bytes")
+
+
+def _close_payload(payload: bytes) -> tuple[int, str]:
+    """The code and reason of a close frame's payload, checked (RFC 6455 5.5.1)."""
+    if len(payload) == 1:
+        raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
+    if not payload:
+        return CLOSE_NO_STATUS, ""
+    code = _U16.unpack_from(payload)[0]
+    if not _valid_close_code(code):
+        raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close reason is not UTF-8") from None
+
+
 def _remaining(chunks: tuple[bytes, ...], written: int) -> list[bytes | memoryview]:
     """What is left of *chunks* once *written* bytes of them have been sent."""
     left: list[bytes | memoryview] = []
@@ -431,25 +476,11 @@ class Link(trio.abc.Channel[bytes]):
                 raise self._closed_error()
             buf += data
 
-    async def _read_frame(self) -> tuple[int, bool, bytes]:  # noqa: C901 - RFC 6455 header checks, in order
+    async def _read_frame(self) -> tuple[int, bool, bytes]:
         buf = self._buf
         if len(buf) < 2:
             await self._fill(2)
-        b0, b1 = buf[0], buf[1]
-        fin = bool(b0 & 0x80)
-        opcode = b0 & 0x0F
-        if b0 & 0x70:
-            raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension)")
-        if opcode not in _OPCODES:
-            raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode 0x{opcode:x}")
-        masked = bool(b1 & 0x80)
-        if masked == self.client:
-            side = "server" if self.client else "client"
-            raise _ProtocolViolation(
-                CLOSE_PROTOCOL_ERROR,
-                f"frame from the {side} must {'not ' if self.client else ''}be masked",
-            )
-        length = b1 & 0x7F
+        fin, opcode, masked, length = _first_two_bytes(buf[0], buf[1], client=self.client)
         offset = 2
         if length == 126:
             if len(buf) < 4:
@@ -461,18 +492,7 @@ class Link(trio.abc.Channel[bytes]):
                 await self._fill(10)
             length = _U64.unpack_from(buf, 2)[0]
             offset = 10
-            if length >> 63:
-                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "payload length has its top bit set")
-        if opcode >= OP_CLOSE:
-            if length > 125:
-                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frame longer than 125")
-            if not fin:
-                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
-        elif self._fragment_size + length > self.max_message_size:
-            raise _ProtocolViolation(
-                CLOSE_MESSAGE_TOO_BIG,
-                f"message over {self.max_message_size} bytes",
-            )
+        _check_length(opcode, fin, length, self._fragment_size, self.max_message_size)
         key = b""
         if masked:
             if len(buf) < offset + 4:
@@ -492,20 +512,7 @@ class Link(trio.abc.Channel[bytes]):
         return opcode, fin, payload
 
     async def _on_close_frame(self, payload: bytes) -> None:
-        if len(payload) == 1:
-            raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
-        if payload:
-            code = _U16.unpack_from(payload)[0]
-            if not _valid_close_code(code):
-                raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
-            try:
-                reason = payload[2:].decode("utf-8")
-            except UnicodeDecodeError:
-                raise _ProtocolViolation(
-                    CLOSE_PROTOCOL_ERROR, "close reason is not UTF-8"
-                ) from None
-        else:
-            code, reason = CLOSE_NO_STATUS, ""
+        code, reason = _close_payload(payload)
         if not self._close_sent:
             self._close_sent = True
             echo = b"" if code == CLOSE_NO_STATUS else _U16.pack(code)

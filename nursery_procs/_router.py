@@ -89,6 +89,36 @@ class ContextInfo:
     pid: int
 
 
+class _Ids:
+    """Context ids: the root counts them out, and hands blocks of them to the
+    contexts that start children, so that a grandchild starts without a round
+    trip to the root."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._next = 1
+        self._block: list[int] = []
+        self._lock = trio.Lock()
+
+    def on_allocate(self, msg: Message, route: Route | None) -> Awaitable[None]:
+        start = self._next
+        self._next += ID_BLOCK_SIZE
+        return self._router.answering.reply(msg, (True, (start, start + ID_BLOCK_SIZE)))
+
+    async def allocate(self) -> int:
+        router = self._router
+        if router.id == ROOT_ID:
+            self._next += 1
+            return self._next - 1
+        async with self._lock:
+            if not self._block:
+                start, stop = await router.asking.request(
+                    ROOT_ID, Handle.ALLOCATE_ID, ID_BLOCK_SIZE, data=True
+                )
+                self._block = list(range(int(start), int(stop)))
+            return self._block.pop(0)
+
+
 def current_router() -> Router:
     """This process's router (the root router, id 0, unless this is a child)."""
     try:
@@ -119,9 +149,7 @@ class Router:
         self._routes: dict[int, Route] = {}
         self._handlers: dict[int, Handler] = {}
         self._next_handle = _wire.FIRST_DYNAMIC_HANDLE
-        self._next_id = 1
-        self._id_block: list[int] = []
-        self._id_lock = trio.Lock()
+        self._ids = _Ids(self)
         #: Contexts this router knows about (its subtree; for the root, the whole tree).
         self.directory: dict[int, ContextInfo] = {}
         self._gone_waiters: dict[int, trio.Event] = {}
@@ -138,7 +166,7 @@ class Router:
         self._handlers[Handle.REQUEST] = self.answering.on_request
         self._handlers[Handle.CANCEL] = self.answering.on_cancel
         if context_id == ROOT_ID:
-            self._handlers[Handle.ALLOCATE_ID] = self._on_allocate_id
+            self._handlers[Handle.ALLOCATE_ID] = self._ids.on_allocate
 
     def __repr__(self) -> str:
         return f"<Router {self.id} {self.name!r}>"
@@ -270,24 +298,9 @@ class Router:
 
         return self._forget(ids, gone)
 
-    def _on_allocate_id(self, msg: Message, route: Route | None) -> Awaitable[None]:
-        start = self._next_id
-        self._next_id += ID_BLOCK_SIZE
-        return self.answering.reply(msg, (True, (start, start + ID_BLOCK_SIZE)))
-
     async def allocate_id(self) -> int:
         """A fresh context id: counted at the root, from blocks the root hands out elsewhere."""
-        if self.id == ROOT_ID:
-            context_id = self._next_id
-            self._next_id += 1
-            return context_id
-        async with self._id_lock:
-            if not self._id_block:
-                start, stop = await self.asking.request(
-                    ROOT_ID, Handle.ALLOCATE_ID, ID_BLOCK_SIZE, data=True
-                )
-                self._id_block = list(range(int(start), int(stop)))
-            return self._id_block.pop(0)
+        return await self._ids.allocate()
 
     # -- sending ---------------------------------------------------------
 

@@ -10,6 +10,7 @@ handed out, given back or exiting.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -104,9 +105,10 @@ class SlotKeeper:
         self.slots = Slots()
         self.closed = False
         self.on_exit: Callable[[Slot], None] = lambda slot: None
-        self._target = target
-        self._args = args
-        self._options = options
+        # Starts a child of the pool, given its name.
+        self._start = functools.partial(
+            supervisor.start_child, target, *args, raise_on_crash=False, **options
+        )
         self._nursery: trio.Nursery | None = None
         self._maintainer = trio.CancelScope()
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -140,7 +142,7 @@ class SlotKeeper:
     @property
     def policy(self) -> Policy:
         """The children's policy."""
-        return self._options.get("policy") or self.supervisor.policy
+        return self._start.keywords.get("policy") or self.supervisor.policy
 
     # -- changing state --------------------------------------------------------
 
@@ -372,13 +374,7 @@ class SlotKeeper:
 
     async def _start_child(self, slot: Slot, epoch: int) -> None:
         try:
-            ctx = await self.supervisor.start_child(
-                self._target,
-                *self._args,
-                name=slot.name,
-                raise_on_crash=False,
-                **self._options,
-            )
+            ctx = await self._start(name=slot.name)
         except (ChildStartError, WireError, OSError) as exc:
             self.move(slot, SlotState.GONE)
             self._start_failed(slot, epoch, exc)
