@@ -24,6 +24,7 @@ from .._groups import unwrap_sole_exception
 from .._isolation import Isolation
 from .._process import Policy
 from .._spec import Target, dump_target
+from .._ssh import SSH
 from .._supervisor import ChildOptions, Supervisor
 from ._keeper import SlotKeeper
 from ._sessions import Sessions
@@ -346,6 +347,7 @@ def open_pool(
     start_method: str | None = None,
     preload: Iterable[str] | None = None,
     isolation: Isolation | None = None,
+    via: SSH | None = None,
 ) -> AbstractAsyncContextManager[Pool]:
     """Open a pool of prespawned children of *supervisor*, running ``target(*args)``.
 
@@ -373,6 +375,7 @@ def open_pool(
         start_method: ``"exec"`` or ``"forkserver"`` (default: the supervisor's).
         preload: modules the fork server imports before forking the children.
         isolation: the children's :class:`Isolation` (default: the supervisor's).
+        via: the host the children run on (:func:`ssh`; default: the supervisor's).
 
     The settings make one :class:`PoolSettings`, validated as a whole.
 
@@ -413,6 +416,7 @@ def open_pool(
         start_method=start_method,
         preload=preload,
         isolation=isolation,
+        via=via,
     )
     return _open_pool(supervisor, target, args, name=name, settings=settings, options=options)
 

@@ -11,6 +11,7 @@ import trio
 
 from .._isolation import Isolation
 from .._process import Policy
+from .._ssh import SSH
 from .._supervisor import ChildOptions, Supervisor
 from ._keeper import SlotKeeper
 from ._prespawn import Pool, run_keeper
@@ -170,6 +171,7 @@ def open_worker_pool(
     start_method: str | None = None,
     preload: Iterable[str] | None = None,
     isolation: Isolation | None = None,
+    via: SSH | None = None,
 ) -> AbstractAsyncContextManager[WorkerPool]:
     """Open a pool of worker processes of *supervisor* for :meth:`WorkerPool.run`.
 
@@ -196,6 +198,7 @@ def open_worker_pool(
         start_method: ``"exec"`` or ``"forkserver"`` (default: the supervisor's).
         preload: modules the fork server imports before forking the workers.
         isolation: the workers' :class:`Isolation` (default: the supervisor's).
+        via: the host the workers run on (:func:`ssh`; default: the supervisor's).
 
     Raises:
         ValueError: a setting out of range (named in the message): ``limit < 1``,
@@ -233,6 +236,7 @@ def open_worker_pool(
         start_method=start_method,
         preload=preload,
         isolation=isolation,
+        via=via,
     )
     return _open_worker_pool(supervisor, name, settings, options, limit, max_uses)
 
