@@ -130,21 +130,21 @@ class ContextStatistics:
     #: (``None``: not known, such as for a context this process did not start).
     isolation: Isolation | None = None
 
-    @classmethod
-    def of(cls, life: Lifecycle | None) -> ContextStatistics:
-        """The figures of a child's current incarnation (zeros if none, or unlinked)."""
-        link = life.link if life is not None else None
-        if life is None or link is None:
-            return cls(0, 0, 0, 0, 0.0)
-        end = life.exited_at if life.exited_at is not None else trio.current_time()
-        return cls(
-            messages_in=link.messages_received,
-            messages_out=link.messages_sent,
-            bytes_in=link.bytes_received,
-            bytes_out=link.bytes_sent,
-            uptime=end - life.started_at,
-            isolation=life.isolation,
-        )
+
+def _statistics_of(life: Lifecycle | None) -> ContextStatistics:
+    """The figures of a child's current incarnation (zeros if none, or unlinked)."""
+    link = life.link if life is not None else None
+    if life is None or link is None:
+        return ContextStatistics(0, 0, 0, 0, 0.0)
+    end = life.exited_at if life.exited_at is not None else trio.current_time()
+    return ContextStatistics(
+        messages_in=link.messages_received,
+        messages_out=link.messages_sent,
+        bytes_in=link.bytes_received,
+        bytes_out=link.bytes_sent,
+        uptime=end - life.started_at,
+        isolation=life.isolation,
+    )
 
 
 class _Peer(Protocol):
@@ -380,7 +380,7 @@ class Context(trio.abc.Channel[Any]):
 
     def statistics(self) -> ContextStatistics:
         """Traffic and uptime, for children this process started."""
-        return ContextStatistics.of(self._peer.life)
+        return _statistics_of(self._peer.life)
 
     def _died(self, detail: str = "") -> ContextDied:
         return ContextDied(self.name, self.id, self.returncode, self.stderr_tail, detail)
