@@ -228,6 +228,12 @@ class OwnedChild:
         await life.wait_for_state(State.EXITED)
         return life.returncode
 
+    async def outcome(self) -> tuple[bool, Any] | None:
+        """The current incarnation's outcome, once it has exited."""
+        life = self.life
+        await life.wait_for_state(State.EXITED)
+        return life.outcome
+
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Ask for a graceful stop and wait until reaped (shielded, bounded)."""
@@ -353,8 +359,6 @@ class Context(trio.abc.Channel[Any]):
 
     def __repr__(self) -> str:
         return f"<Context {self.id} {self.name!r} {self.state.value} pid={self.pid}>"
-
-    # -- state -----------------------------------------------------------
 
     @property
     def pid(self) -> int | None:
@@ -593,13 +597,11 @@ class Context(trio.abc.Channel[Any]):
         """
         await self._router.answering.serve_all(self.id, handler, self._requests, task_status)
 
-    # -- lifetime (children you started) -------------------------------------
-
-    def _lineage(self) -> Lineage:
+    def _owned(self) -> OwnedChild:
         peer = self._peer
         if not isinstance(peer, OwnedChild):
             raise RuntimeError(f"{self!r} was not started by this process")
-        return peer.lineage
+        return peer
 
     async def aclose(self) -> None:
         """Shut the child down gracefully and reap it: SHUTDOWN (the child cancels
@@ -625,9 +627,11 @@ class Context(trio.abc.Channel[Any]):
 
         Raises:
             ContextDied: it exited and will not be restarted.
+
+        **Cancellation:** safe; the child is not affected.
         """
         try:
-            await self._lineage().wait_ready()
+            await self._owned().lineage.wait_ready()
         except LookupError as exc:
             raise self._died(str(exc)) from None
 
@@ -642,30 +646,32 @@ class Context(trio.abc.Channel[Any]):
 
         Raises:
             RuntimeError: this is the parent's handle.
+
+        **Cancellation:** safe; the context is not affected.
         """
         return await self._peer.wait_exited()
 
     @property
     def has_exited(self) -> bool:
         """Whether the child has exited and been reaped."""
-        return self._lineage().current.exited
+        return self._owned().life.exited
 
     def process_exited(self) -> bool:
         """Whether the child's process has exited, asking the kernel now (before
         it is reaped, whoever reaps it); ``False`` before it started."""
-        process = self._lineage().current.process
+        process = self._owned().life.process
         return process is not None and process.poll_exited()
 
     async def wait(self) -> Any:
         """Wait for the child to exit and return its target's return value.
 
         Raises:
-            RemoteError: the target raised.
+            Exception: the target raised this (as :meth:`call` re-raises).
             ContextDied: the child died without reporting a result (crash, kill).
+
+        **Cancellation:** safe; the child is not affected.
         """
-        life = self._lineage().current
-        await life.wait_for_state(State.EXITED)
-        ok, value = life.outcome if life.outcome is not None else (False, None)
+        ok, value = (await self._owned().outcome()) or (False, None)
         if ok:
             return value
         if isinstance(value, BaseException):

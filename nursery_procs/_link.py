@@ -242,11 +242,8 @@ class Link(trio.abc.Channel[bytes]):
         initial: bytes = b"",
     ) -> None:
         self.stream = stream
-        # Over a socket (or a pair of pipes: a link over ssh), frames are read and
-        # written with direct non-blocking system calls on its descriptors, waiting
-        # through Trio only when they are not ready: Trio's stream methods add two
-        # scheduling rounds to every call (see docs/design.rst). -1: another kind
-        # of stream, used as it is.
+        # Over a socket or a pair of pipes, direct non-blocking system calls on the
+        # descriptors (see docs/design.rst); -1: another kind of stream, as it is.
         self._in_fd, self._out_fd = _descriptors(stream)
         # Messages moved without waiting since the last yield to other tasks.
         self._unyielded = 0
@@ -412,6 +409,9 @@ class Link(trio.abc.Channel[bytes]):
                 code after a close frame, 1006 if the stream ended without one,
                 1002/1003/1009 if the peer broke the protocol, in which case the
                 link has sent that close code to the peer).
+            trio.ClosedResourceError: this side closed the link.
+
+        **Cancellation:** safe: bytes read so far stay buffered for the next call.
         """
         if self.close_code is not None:
             raise self._closed_error()
@@ -545,6 +545,9 @@ class Link(trio.abc.Channel[bytes]):
         closed at once, which the peer sees as the end of the connection.
 
         **Cancellation:** shielded; it always closes the stream.
+
+        **Error handling:** never raises for the stream's sake: a broken stream is
+        closed all the same.
         """
         # At most 123 bytes, cut on a character boundary so it stays valid UTF-8.
         encoded = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
@@ -590,7 +593,12 @@ async def connect_link(
     """Open a WebSocket connection as the client over *stream*.
 
     Raises:
-        HandshakeError: the server refused the upgrade or answered nonsense.
+        HandshakeError: the server refused the upgrade, answered nonsense, or the
+            stream broke.
+
+    **Cancellation:** leaves *stream* in the middle of the handshake: close it.
+
+    **Resource handling:** the link owns *stream* once this returns.
     """
     conn = h11.Connection(h11.CLIENT)
     key = base64.b64encode(os.urandom(16)).decode("ascii")
@@ -633,7 +641,12 @@ async def accept_link(
 
     Raises:
         HandshakeError: the client's request was not a valid WebSocket upgrade
-            (it has been answered with 400 and the stream closed).
+            (it has been answered with 400 and the stream closed), or the stream
+            broke.
+
+    **Cancellation:** leaves *stream* in the middle of the handshake: close it.
+
+    **Resource handling:** the link owns *stream* once this returns.
     """
     conn = h11.Connection(h11.SERVER)
     try:

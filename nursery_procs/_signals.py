@@ -40,6 +40,14 @@ async def open_signal_shutdown(
     the children's policies.
 
     Only in the main thread (as :func:`trio.open_signal_receiver`).
+
+    **Cancellation:** a signal cancels the block as any cancel scope would; a
+    cancellation from outside passes through as usual.
+
+    **Resource handling:** the signal handlers are restored when the block ends.
+
+    **Error handling:** an exception from the block propagates as itself, not
+    wrapped in a group.
     """
     state = SignalShutdown()
     wanted = tuple(signals)
