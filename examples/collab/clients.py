@@ -34,12 +34,17 @@ __all__ = [
     "CLOSE_TRY_AGAIN",
     "CLOSE_UNSUPPORTED_DATA",
     "Audience",
+    "Broadcast",
     "Client",
     "Clients",
     "Close",
+    "Direct",
+    "Kick",
     "TextFrame",
     "WebSocketEnd",
     "document_name",
+    "parse_child_message",
+    "valid_close_code",
 ]
 
 log = logging.getLogger("collab")
@@ -296,6 +301,65 @@ class Clients:
         return None
 
 
+# -- what a document child may send -------------------------------------------------------------
+#
+# Document children are untrusted (``open_pool(..., trusted=False)``): what they send
+# arrives as plain data (msgpack: tuples as lists) and is checked here, shape and
+# sizes, before the master acts on it.
+
+
+@attrs.frozen
+class Direct:
+    """``("to", client_id, payload)``: a message for one client."""
+
+    client_id: int
+    payload: bytes
+
+
+@attrs.frozen
+class Broadcast:
+    """``("all", except_id or None, payload)``: a message for every other client."""
+
+    exclude: int | None
+    payload: bytes
+
+
+@attrs.frozen
+class Kick:
+    """``("kick", client_id, code, reason)``: close one client."""
+
+    client_id: int
+    code: int
+    reason: str
+
+
+def _client_id(value: object) -> bool:
+    return type(value) is int and 0 < value < 2**63
+
+
+def valid_close_code(code: object) -> bool:
+    """Whether a document child may close a client with *code* (one a peer may send,
+    RFC 6455 section 7.4)."""
+    if type(code) is not int:
+        return False
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def parse_child_message(message: object) -> Direct | Broadcast | Kick | None:
+    """What a document child's *message* asks for, or ``None`` if it is not one of
+    the three shapes (wrong tags, types, ids or close codes)."""
+    match message:
+        case ["to" | "all" as tag, recipient, bytes() as payload]:
+            if tag == "to" and _client_id(recipient):
+                return Direct(recipient, payload)  # type: ignore[arg-type]
+            if tag == "all" and (recipient is None or _client_id(recipient)):
+                return Broadcast(recipient, payload)  # type: ignore[arg-type]
+        case ["kick", client_id, code, str() as reason]:
+            if _client_id(client_id) and valid_close_code(code):
+                return Kick(client_id, code, fit_reason(reason))  # type: ignore[arg-type]
+    return None
+
+
 @attrs.define(eq=False)
 class Audience:
     """The clients attached to one document child.
@@ -321,21 +385,22 @@ class Audience:
         return self._clients.pop(client.id, None) is not None
 
     def recipients(self, message: Any) -> list[Client]:
-        match message:
-            case ("all", exclude, *_):
-                return [c for client_id, c in self._clients.items() if client_id != exclude]
-            case ("to" | "kick", int() as client_id, *_) if client_id in self._clients:
-                return [self._clients[client_id]]
+        order = parse_child_message(message)
+        if isinstance(order, Broadcast):
+            exclude = order.exclude
+            return [c for client_id, c in self._clients.items() if client_id != exclude]
+        if order is not None and order.client_id in self._clients:
+            return [self._clients[order.client_id]]
         return []
 
     def item(self, message: Any) -> bytes | Close | None:
-        match message:
-            case ("all" | "to", _, bytes() as payload):
-                return payload
-            case ("kick", int(), int() as code, str() as reason):
-                return Close(code, reason)
-        log.warning("document %r sent an unexpected message %.200r", self.name, message)
-        return None
+        order = parse_child_message(message)
+        if order is None:
+            log.warning("document %r sent an unexpected message %.200r", self.name, message)
+            return None
+        if isinstance(order, Kick):
+            return Close(order.code, order.reason)
+        return order.payload
 
     def close_all(self, code: int, reason: str) -> None:
         for client in list(self._clients.values()):

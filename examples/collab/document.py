@@ -59,8 +59,10 @@ __all__ = [
     "ProtocolError",
     "Reply",
     "UnknownClientError",
+    "fetch_storage_statistics",
     "run_document",
     "serve_document",
+    "storage_report",
     "storage_statistics",
     "validate_name",
 ]
@@ -626,6 +628,12 @@ MAX_BATCH = 512
 COMPACT_AFTER_BYTES = 8 * 2**20
 
 
+class CallableContext(Protocol):
+    """What :func:`fetch_storage_statistics` needs of a document child's context."""
+
+    async def call(self, fn: Callable[[], object], /) -> Any: ...
+
+
 class ParentChannel(Protocol):
     """What :func:`run_document` needs from the link to the master."""
 
@@ -713,6 +721,34 @@ def storage_statistics() -> StorageStatistics | None:
     if _served.journal is not None:
         return _served.journal.statistics
     return _served.statistics
+
+
+def storage_report() -> dict[str, int] | None:
+    """:func:`storage_statistics` as plain data, for a call from the master: document
+    children are untrusted, so what they return must be plain data (see
+    :func:`fetch_storage_statistics`)."""
+    stats = storage_statistics()
+    return None if stats is None else attrs.asdict(stats)
+
+
+async def fetch_storage_statistics(ctx: CallableContext) -> StorageStatistics | None:
+    """The :func:`storage_statistics` of the document child *ctx*, checked on arrival
+    (the child is untrusted: its answer is data, and only whole counts are accepted).
+
+    Raises:
+        ValueError: the child's answer is not a report of counts.
+    """
+    report = await ctx.call(storage_report)
+    if report is None:
+        return None
+    fields = {field.name for field in attrs.fields(StorageStatistics)}
+    if (
+        not isinstance(report, dict)
+        or set(report) != fields
+        or not all(type(v) is int and v >= 0 for v in report.values())
+    ):
+        raise ValueError(f"not a storage report: {report!r:.200}")
+    return StorageStatistics(**report)
 
 
 def _check_old_snapshot(update: bytes) -> None:

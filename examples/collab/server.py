@@ -230,6 +230,9 @@ class CollabServer:
                     spare=settings.spare,
                     max=settings.max_docs,
                     linger=settings.linger,
+                    # A document child parses bytes from browsers: nothing it sends
+                    # is unpickled here, and its messages are checked on arrival.
+                    trusted=False,
                 ) as self.pool,
                 self._open_control(supervisor),
             ):

@@ -16,7 +16,7 @@ from pycrdt import Doc, Text
 from examples.collab.document import (
     CLOSE_DOCUMENT_UNAVAILABLE,
     REASON_UNAVAILABLE,
-    storage_statistics,
+    fetch_storage_statistics,
 )
 from examples.collab.server import CollabServer
 from examples.collab.storage_format import SNAPSHOT_MAGIC
@@ -71,7 +71,7 @@ async def test_damaged_snapshot_opens_with_every_edit(
                     await reader.synced.wait()
                     assert tokens(reader.content()) == set(first + second)
                     ctx = server.documents()["report"]
-                    stats = await ctx.call(storage_statistics)
+                    stats = await fetch_storage_statistics(ctx)
                     assert stats is not None
                     assert (stats.snapshots_rejected, stats.previous_generation_used) == (1, 1)
                     assert stats.files_quarantined == 1
@@ -144,7 +144,7 @@ async def test_unopenable_document_closes_its_clients_once_with_one_code(
             ctx = server.documents()["wreck"]
             assert pids == {ctx.pid}
             assert not ctx.has_exited
-            stats = await ctx.call(storage_statistics)
+            stats = await fetch_storage_statistics(ctx)
             assert stats is not None and stats.files_quarantined == 2
             assert child_errors_naming(caplog, "wreck")
             await check_works(server)
