@@ -1,4 +1,5 @@
-"""The collab server under many editors, against pycrdt-websocket in one process.
+"""The collab server under many editors, against pycrdt-websocket in one process and
+the node reference y-websocket server.
 
 Run from the repository root::
 
@@ -31,6 +32,16 @@ The same load runs, in the same invocation and one after the other, against:
     connection. Each room is created under a lock before the connection joins it (two
     first clients of one room at once hang in ``WebsocketServer.get_room`` otherwise).
     It is started by this script (``--serve-baseline``).
+``node``
+    The reference y-websocket server, ``@y/websocket-server`` 0.1.1 with yjs 13 (rooms
+    in memory, no persistence), pinned in ``benchmarks/node/package.json`` and its lock
+    file and installed by this script with ``npm ci`` into ``benchmarks/node/node_modules``
+    the first time (``--servers`` without ``node`` skips it).
+
+``--variant NAME=TREE`` adds a run of the collab server from another checkout (for
+example ``git worktree add /tmp/before main``), so that a change is measured against
+what it replaces in the same invocation. ``--repeat N`` runs the whole set N times,
+interleaved, and reports the median of each figure.
 
 Each server is a separate process; the clients run in ``--workers`` other processes
 (every document's clients in the same worker, so send and receive times come from one
@@ -65,6 +76,10 @@ from pycrdt import Doc, Text, TextEvent, create_sync_message, create_update_mess
 
 SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parent.parent
+NODE_DIR = SCRIPT.parent / "node"
+NODE_SERVER = NODE_DIR / "node_modules" / "@y" / "websocket-server" / "src" / "server.js"
+NODE_SERVING = re.compile(rb"running at '127\.0\.0\.1' on port (\d+)")
+SERVERS = ("nursery_procs", "pycrdt-websocket", "node")
 HOST = "127.0.0.1"
 SERVING = re.compile(rb"serving on http://127\.0\.0\.1:(\d+)/")
 TOKEN = re.compile(r"<([0-9a-z]+)>")
@@ -420,23 +435,86 @@ def _temporary_directory(parent: Path | None) -> Iterator[Path]:
         yield Path(path)
 
 
-async def _start(argv: list[str]) -> tuple[trio.Process, int, list[bytes]]:
+async def _start(
+    argv: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> tuple[trio.Process, int, list[bytes]]:
+    """Start a server; wait for the line that says where it listens (the collab
+    server and the baseline write it to stderr, node to stdout)."""
     process = await trio.lowlevel.open_process(
         argv,
-        cwd=REPO,
+        cwd=cwd,
+        env=env,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
-    assert process.stderr is not None
+    assert process.stdout is not None
     buffer = b""
     with trio.fail_after(60):
-        while not (match := SERVING.search(buffer)):
-            chunk = await process.stderr.receive_some()
+        while not (match := SERVING.search(buffer) or NODE_SERVING.search(buffer)):
+            chunk = await process.stdout.receive_some()
             if not chunk:
                 raise RuntimeError(f"server exited: {buffer.decode(errors='replace')}")
             buffer += chunk
     return process, int(match.group(1)), [buffer]
+
+
+def ensure_node_server() -> None:
+    """Install the pinned node reference server (``npm ci``) unless it is there."""
+    if NODE_SERVER.exists():
+        return
+    print("installing the node reference server (npm ci in benchmarks/node)", flush=True)
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--include=optional", "--ignore-scripts"],
+        cwd=NODE_DIR,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def server_command(
+    kind: str, options: argparse.Namespace, data_dir: Path
+) -> tuple[list[str], Path, dict[str, str] | None]:
+    """The command line, folder and environment that start server *kind*."""
+    if kind == "pycrdt-websocket":
+        return [sys.executable, str(SCRIPT), "--serve-baseline"], REPO, None
+    if kind == "node":
+        env = {**os.environ, "HOST": HOST, "PORT": str(_free_port())}
+        return ["node", str(NODE_SERVER)], NODE_DIR, env
+    tree = REPO if kind == "nursery_procs" else options.variants[kind]
+    argv = [
+        sys.executable,
+        "-m",
+        "examples.collab",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--spare",
+        "2",
+        "--max-docs",
+        str(options.docs + 16),
+        "--linger",
+        "2",
+        "--start-timeout",
+        "60",
+        "--max-clients",
+        str(options.clients + 100),
+        "--max-clients-per-doc",
+        str(options.clients),
+    ]
+    # Run from the other tree, importing its examples and nursery_procs first.
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return argv, tree, env
 
 
 async def _drain(stream: trio.abc.ReceiveStream, into: list[bytes]) -> None:
@@ -446,48 +524,26 @@ async def _drain(stream: trio.abc.ReceiveStream, into: list[bytes]) -> None:
 
 
 async def run_load(kind: str, options: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
-    if kind == "nursery_procs":
-        argv = [
-            sys.executable,
-            "-m",
-            "examples.collab",
-            "--port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--spare",
-            "2",
-            "--max-docs",
-            str(options.docs + 16),
-            "--linger",
-            "2",
-            "--start-timeout",
-            "60",
-            "--max-clients",
-            str(options.clients + 100),
-            "--max-clients-per-doc",
-            str(options.clients),
-        ]
-    else:
-        argv = [sys.executable, str(SCRIPT), "--serve-baseline"]
-    server, port, log_tail = await _start(argv)
+    argv, cwd, env = server_command(kind, options, data_dir)
+    server, port, log_tail = await _start(argv, cwd=cwd, env=env)
     try:
         async with trio.open_nursery() as nursery:
-            assert server.stderr is not None
-            nursery.start_soon(_drain, server.stderr, log_tail)
+            assert server.stdout is not None
+            nursery.start_soon(_drain, server.stdout, log_tail)
             result = await _drive(kind, options, port, server.pid)
             server.send_signal(signal.SIGTERM)
             with trio.fail_after(60):
                 status = await server.wait()
             result["server_exit_status"] = status
+            result["server"] = kind
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             if server.returncode is None:
                 server.kill()
             await server.wait()
-            if server.stderr is not None:
-                await server.stderr.aclose()
+            if server.stdout is not None:
+                await server.stdout.aclose()
     return result
 
 
@@ -618,26 +674,47 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
-async def main(options: argparse.Namespace) -> list[dict[str, Any]]:
+def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per server: the median of each figure over its runs."""
+    rows = []
+    for kind in dict.fromkeys(run["server"] for run in runs):
+        mine = [run for run in runs if run["server"] == kind]
+        row: dict[str, Any] = {"server": kind, "runs": len(mine)}
+        for key, value in mine[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[key] = statistics.median(run[key] for run in mine)
+            else:
+                row.setdefault(key, value)
+        rows.append(row)
+    return rows
+
+
+async def main(options: argparse.Namespace) -> dict[str, Any]:
     print(
         f"{options.clients} clients on {options.docs} documents, {options.rate} edits/s each, "
         f"{options.seconds} s; {options.workers} client processes; {os.cpu_count()} CPUs",
         flush=True,
     )
-    rows = []
+    runs = []
     with _temporary_directory(options.data_dir) as data_dir:
         print(f"documents journaled (with fsync) under {data_dir}", flush=True)
-        for kind in ("nursery_procs", "pycrdt-websocket"):
-            row = await run_load(kind, options, data_dir / kind)
-            print(
-                f"  {kind}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
-                f"{row['edits_applied_per_s']:.1f} edits/s applied",
-                flush=True,
-            )
-            rows.append(row)
+        for repeat in range(options.repeat):
+            for kind in options.servers:
+                row = await run_load(kind, options, data_dir / f"{kind}-{repeat}")
+                print(
+                    f"  {kind}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+                    f"{row['edits_applied_per_s']:.1f} edits/s applied, "
+                    f"CPU {row['server_cpu_share']:.0%} "
+                    f"(main {row['server_main_process_cpu_share']:.0%})",
+                    flush=True,
+                )
+                runs.append(row)
+    rows = median_rows(runs)
     print()
+    if options.repeat > 1:
+        print(f"medians of {options.repeat} runs:")
     print_table(rows)
-    return rows
+    return {"runs": runs, "medians": rows}
 
 
 if __name__ == "__main__":
@@ -658,6 +735,19 @@ if __name__ == "__main__":
         "default: the system's temporary directory)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"which servers to run, in order (default: {','.join(SERVERS)})",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=TREE",
+        help="also run the collab server from another checkout TREE, reported as NAME",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole set N times")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -668,6 +758,17 @@ if __name__ == "__main__":
     else:
         if options.quick:
             options.clients, options.docs, options.seconds = 40, 4, 3.0
+        options.servers = [name for name in options.servers.split(",") if name]
+        options.variants = {}
+        for variant in options.variant:
+            name, _, tree = variant.partition("=")
+            options.variants[name] = Path(tree).resolve()
+            options.servers.append(name)
+        unknown = set(options.servers) - set(SERVERS) - set(options.variants)
+        if unknown:
+            parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
+        if "node" in options.servers:
+            ensure_node_server()
         figures = trio.run(main, options)
         if options.json:
             options.json.write_text(json.dumps(figures, indent=2))
