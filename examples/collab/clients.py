@@ -1,9 +1,10 @@
 """The collab server's WebSocket clients.
 
-* :class:`Client`: one client, its bounded queue of messages to send, and how it closes;
+* :class:`Client`: one client, its socket (frames it could not take yet wait there),
+  and how it closes;
 * :class:`Clients`: every client, counted against the limits (in all, per document);
-* :class:`Audience`: the clients of one document child, and which of them each of the
-  child's messages goes to (the ``fan_out`` of :func:`nursery_procs.forward`).
+* :class:`Audience`: the clients of one document child, and the sink of the child's
+  batches: it checks each batch and offers each frame to the clients it names.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ import logging
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 
 import attrs
 import trio
-import trio_websocket
-
-import nursery_procs
 
 from .document import validate_name
+from .protocol import ALL, MSG, TO, BatchError, Record, decode_from_child, decode_kick
 from .settings import Settings
+from .websocket import REASON_TEXT, ClientSocket, WebSocketError, binary_frame
 
 __all__ = [
     "CLOSE_DOCUMENT_DIED",
@@ -33,18 +32,13 @@ __all__ = [
     "CLOSE_SERVICE_RESTART",
     "CLOSE_TRY_AGAIN",
     "CLOSE_UNSUPPORTED_DATA",
+    "REASON_TEXT",
     "Audience",
-    "Broadcast",
     "Client",
+    "ClientSource",
     "Clients",
-    "Close",
-    "Direct",
-    "Kick",
-    "TextFrame",
-    "WebSocketEnd",
+    "WebSocketError",
     "document_name",
-    "parse_child_message",
-    "valid_close_code",
 ]
 
 log = logging.getLogger("collab")
@@ -65,7 +59,6 @@ REASON_BUSY = "document server busy, try again"
 REASON_TOO_MANY = "too many clients"
 REASON_TOO_MANY_HERE = "too many clients on this document"
 REASON_TOO_SLOW = "client too slow: too many messages queued"
-REASON_TEXT = "text frames are not supported: send binary y-websocket messages"
 
 #: A WebSocket close reason is at most 123 bytes of UTF-8.
 MAX_REASON_BYTES = 123
@@ -90,81 +83,54 @@ def document_name(segment: str) -> str:
     return validate_name(name)
 
 
-class TextFrame(Exception):
-    """A client sent a text frame: y-websocket messages are binary."""
-
-
 @attrs.frozen
-class Close:
-    """A document child's order to close one of its clients (it broke the protocol)."""
+class ClientSource:
+    """A client's socket as the source of a :func:`nursery_procs.forward`: its
+    messages, until it closes (:class:`trio.EndOfChannel`)."""
 
-    code: int
-    reason: str
+    socket: ClientSocket
 
-
-@attrs.frozen
-class WebSocketEnd:
-    """A trio-websocket connection as a source and a sink for :func:`nursery_procs.forward`."""
-
-    ws: trio_websocket.WebSocketConnection
-
-    async def receive(self) -> bytes | str:
-        return await self.ws.get_message()
-
-    async def send(self, message: bytes) -> None:
-        await self.ws.send_message(message)
+    async def receive(self) -> bytes:
+        return await self.socket.receive()
 
 
 @attrs.define(eq=False)
 class Client:
-    """One WebSocket client and its queue of messages to send."""
+    """One WebSocket client: its socket, and how it closes."""
 
     id: int
-    ws: trio_websocket.WebSocketConnection
+    socket: ClientSocket
     peer: str
+    #: Frames waiting for a client before it counts as too slow.
     queue_size: int
     name: str | None = None
     #: Counted against its document's limit (see :class:`Clients`).
     admitted: bool = False
     close_code: int | None = None
     close_reason: str = ""
-    #: The client closed first (or the connection broke): no close frame to send.
+    #: The client closed first (or the connection broke): its close was answered.
     closed_by_peer: bool = False
     #: Covers waiting for the document and reading from the client; a close request
     #: cancels it.
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    _outbox: trio.MemorySendChannel[bytes] = attrs.field(init=False)
-    _queued: trio.MemoryReceiveChannel[bytes] = attrs.field(init=False)
 
-    def __attrs_post_init__(self) -> None:
-        self._outbox, self._queued = trio.open_memory_channel[bytes](self.queue_size)
+    def offer(self, frame: bytes) -> None:
+        """Send an encoded frame (the same bytes may go to many clients); never blocks.
 
-    async def send(self, item: bytes | Close) -> None:
-        """Queue *item* for the client, or close it on a :class:`Close`; never blocks.
-
-        A client is a sink of its document's fan-out: a client whose queue is full is
-        closed as too slow, so that one slow reader never holds the others back.
-
-        Raises:
-            trio.ClosedResourceError: the client is closing.
-            trio.BrokenResourceError: its queue was full (it is being closed).
+        A client with more than ``queue_size`` frames waiting is closed as too slow,
+        so that one slow reader never holds the others back.
         """
-        if isinstance(item, Close):
-            log.info("client %d closed by %r: %d %s", self.id, self.name, item.code, item.reason)
-            self.request_close(item.code, item.reason)
+        if self.close_code is not None:
             return
-        try:
-            self._outbox.send_nowait(item)
-        except trio.WouldBlock:
+        socket = self.socket
+        socket.offer(frame)
+        if socket.pending_frames > self.queue_size:
             log.warning("client %d on %r: queue full; closing it", self.id, self.name)
             self.request_close(CLOSE_TRY_AGAIN, REASON_TOO_SLOW, discard=True)
-            raise trio.BrokenResourceError(REASON_TOO_SLOW) from None
 
-    def tag(self, message: bytes | str) -> tuple[str, int, bytes]:
+    def tag(self, message: bytes) -> Record:
         """What the document's child gets for a *message* from this client."""
-        if isinstance(message, str):
-            raise TextFrame(REASON_TEXT)
-        return ("msg", self.id, message)
+        return (MSG, self.id, message)
 
     def request_close(self, code: int, reason: str, *, discard: bool = False) -> None:
         """Close the client with *code*: what is queued is still sent (unless *discard*),
@@ -173,33 +139,29 @@ class Client:
             return
         self.close_code = code
         self.close_reason = fit_reason(reason)
-        self._outbox.close()
         if discard:
-            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                while True:
-                    self._queued.receive_nowait()
+            self.socket.discard_pending()
         self.scope.cancel()
 
     def peer_closed(self) -> None:
         """Note that the client closed first (or its connection broke)."""
         if self.close_code is None:
-            reason = self.ws.closed
+            code, reason = self.socket.peer_close or (1006, "")
             self.closed_by_peer = True
-            self.request_close(reason.code if reason else 1006, (reason and reason.reason) or "")
+            self.request_close(code, reason)
 
-    async def write(self) -> None:
-        """Send what is queued, in order, until the queue is closed and empty or the
-        client has gone."""
-        await nursery_procs.forward(self._queued, WebSocketEnd(self.ws))
+    def queue_close_frame(self) -> None:
+        """Queue the close frame after what is pending (the client's close was answered
+        already if it closed first)."""
+        if not self.closed_by_peer:
+            self.socket.queue_close(self.close_code or CLOSE_NORMAL, self.close_reason)
 
     async def close_websocket(self, close_timeout: float) -> None:
-        """Send the close frame (unless the client closed first) and wait at most
-        *close_timeout* seconds for the client's answer."""
+        """Wait at most *close_timeout* seconds for the client to answer the close
+        frame (unless it closed first), then close the connection."""
         with trio.move_on_after(close_timeout):
-            if self.closed_by_peer:  # trio-websocket has answered the client's close
-                await self.ws.aclose()
-            else:
-                await self.ws.aclose(self.close_code or CLOSE_NORMAL, self.close_reason or None)
+            await self.socket.wait_closed()
+        await self.socket.aclose()
 
     def log_disconnect(self) -> None:
         if self.admitted:
@@ -229,12 +191,10 @@ class Clients:
     def __len__(self) -> int:
         return len(self._all)
 
-    async def serve(
-        self, segment: str, peer: str, ws: trio_websocket.WebSocketConnection, *, edit: Editor
-    ) -> None:
+    async def serve(self, segment: str, peer: str, socket: ClientSocket, *, edit: Editor) -> None:
         """Serve one client of ``/doc/<segment>``: admit it, send it what is queued for
         it, and run ``edit(client, name)`` while it stays; then close it."""
-        with self._connected(ws, peer) as client:
+        with self._connected(socket, peer) as client:
             name = self._admit(client, segment)
             if await self._run(client, name, edit):
                 await client.close_websocket(self.settings.close_timeout)
@@ -243,11 +203,12 @@ class Clients:
         """Whether the client's queue was flushed in time for a close frame (if not, it
         is dropped without one)."""
         async with trio.open_nursery() as tasks:
-            tasks.start_soon(client.write)
+            tasks.start_soon(client.socket.write_pending)
             if name is not None:
                 with client.scope:
                     await edit(client, name)
-            client.request_close(CLOSE_NORMAL, "")  # the writer ends once it has flushed
+            client.request_close(CLOSE_NORMAL, "")
+            client.queue_close_frame()  # the writer ends once it has written it
             tasks.cancel_scope.deadline = trio.current_time() + self.settings.close_timeout
         return not tasks.cancel_scope.cancelled_caught
 
@@ -259,8 +220,8 @@ class Clients:
             client.request_close(CLOSE_GOING_AWAY, REASON_SHUTDOWN)
 
     @contextlib.contextmanager
-    def _connected(self, ws: trio_websocket.WebSocketConnection, peer: str) -> Iterator[Client]:
-        client = Client(next(self._ids), ws, peer, self.settings.client_queue)
+    def _connected(self, socket: ClientSocket, peer: str) -> Iterator[Client]:
+        client = Client(next(self._ids), socket, peer, self.settings.client_queue)
         self._all[client.id] = client
         self.on_change()
         try:
@@ -301,77 +262,18 @@ class Clients:
         return None
 
 
-# -- what a document child may send -------------------------------------------------------------
-#
-# Document children are untrusted (``open_pool(..., trusted=False)``): what they send
-# arrives as plain data (msgpack: tuples as lists) and is checked here, shape and
-# sizes, before the master acts on it.
-
-
-@attrs.frozen
-class Direct:
-    """``("to", client_id, payload)``: a message for one client."""
-
-    client_id: int
-    payload: bytes
-
-
-@attrs.frozen
-class Broadcast:
-    """``("all", except_id or None, payload)``: a message for every other client."""
-
-    exclude: int | None
-    payload: bytes
-
-
-@attrs.frozen
-class Kick:
-    """``("kick", client_id, code, reason)``: close one client."""
-
-    client_id: int
-    code: int
-    reason: str
-
-
-def _client_id(value: object) -> bool:
-    return type(value) is int and 0 < value < 2**63
-
-
-def valid_close_code(code: object) -> bool:
-    """Whether a document child may close a client with *code* (one a peer may send,
-    RFC 6455 section 7.4)."""
-    if type(code) is not int:
-        return False
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
-
-
-def parse_child_message(message: object) -> Direct | Broadcast | Kick | None:
-    """What a document child's *message* asks for, or ``None`` if it is not one of
-    the three shapes (wrong tags, types, ids or close codes)."""
-    match message:
-        case ["to" | "all" as tag, recipient, bytes() as payload]:
-            if tag == "to" and _client_id(recipient):
-                return Direct(recipient, payload)  # type: ignore[arg-type]
-            if tag == "all" and (recipient is None or _client_id(recipient)):
-                return Broadcast(recipient, payload)  # type: ignore[arg-type]
-        case ["kick", client_id, code, str() as reason]:
-            if _client_id(client_id) and valid_close_code(code):
-                return Kick(client_id, code, fit_reason(reason))  # type: ignore[arg-type]
-    return None
-
-
 @attrs.define(eq=False)
 class Audience:
-    """The clients attached to one document child.
+    """The clients attached to one document child, and the sink of its batches.
 
-    The child's messages are ``("to", client_id, payload)`` for one client,
-    ``("all", except_id, payload)`` for all the others, and ``("kick", client_id,
-    code, reason)`` to close one. :meth:`recipients` and :meth:`item` are the
-    ``fan_out`` and ``transform`` of the :func:`nursery_procs.forward` from the child
-    to its clients: the payload is taken out once and queued for each recipient.
+    Each batch from the child (see :mod:`examples.collab.protocol`) is checked whole
+    before anything in it is done: the child is untrusted. A broadcast is framed once
+    and the same bytes are offered to every recipient.
     """
 
     name: str
+    #: The largest payload of one record the child may send.
+    max_payload: int
     _clients: dict[int, Client] = attrs.Factory(dict)
 
     def __len__(self) -> int:
@@ -384,23 +286,32 @@ class Audience:
         """Forget *client*; whether it was here."""
         return self._clients.pop(client.id, None) is not None
 
-    def recipients(self, message: Any) -> list[Client]:
-        order = parse_child_message(message)
-        if isinstance(order, Broadcast):
-            exclude = order.exclude
-            return [c for client_id, c in self._clients.items() if client_id != exclude]
-        if order is not None and order.client_id in self._clients:
-            return [self._clients[order.client_id]]
-        return []
-
-    def item(self, message: Any) -> bytes | Close | None:
-        order = parse_child_message(message)
-        if order is None:
-            log.warning("document %r sent an unexpected message %.200r", self.name, message)
-            return None
-        if isinstance(order, Kick):
-            return Close(order.code, order.reason)
-        return order.payload
+    async def send(self, batch: object) -> None:
+        """Deliver one batch from the child (a :func:`nursery_procs.forward` sink)."""
+        try:
+            records = decode_from_child(batch, max_payload=self.max_payload)
+        except BatchError as exc:
+            log.warning(
+                "document %r sent an unexpected message (%s): %.200r", self.name, exc, batch
+            )
+            return
+        clients = self._clients
+        for kind, client_id, payload in records:
+            if kind == ALL:
+                frame = binary_frame(payload)
+                for recipient in list(clients.values()):
+                    if recipient.id != client_id:
+                        recipient.offer(frame)
+                continue
+            client = clients.get(client_id)
+            if client is None:
+                continue  # gone meanwhile
+            if kind == TO:
+                client.offer(binary_frame(payload))
+            else:
+                code, reason = decode_kick(payload)
+                log.info("client %d closed by %r: %d %s", client_id, self.name, code, reason)
+                client.request_close(code, reason)
 
     def close_all(self, code: int, reason: str) -> None:
         for client in list(self._clients.values()):

@@ -46,6 +46,18 @@ import trio
 from pycrdt import Awareness, Doc, Text, TransactionEvent, get_update, merge_updates
 
 from .journal import Journal, JournalError, JournalUnavailableError, StorageStatistics
+from .protocol import (
+    ALL,
+    JOIN,
+    KICK,
+    MSG,
+    TO,
+    BatchError,
+    Record,
+    decode_from_master,
+    encode_for_master,
+    kick_payload,
+)
 
 __all__ = [
     "CLOSE_DOCUMENT_UNAVAILABLE",
@@ -622,8 +634,8 @@ def _unintegrated(updates: Iterable[bytes], state_vector: bytes) -> list[bytes]:
 
 # -- the child process ------------------------------------------------------------------------
 
-#: The most messages taken from the master for one group commit.
-MAX_BATCH = 512
+#: The most batches taken from the master for one group commit.
+MAX_BATCHES = 64
 #: Compact while running once the log holds this many bytes.
 COMPACT_AFTER_BYTES = 8 * 2**20
 
@@ -649,55 +661,61 @@ def _close_reason(text: str) -> str:
     return encoded.decode("utf-8", errors="ignore")
 
 
-def _to_master(message: Outgoing) -> tuple[object, ...]:
+def _to_master(message: Outgoing) -> Record:
     if message.to is not None:
-        return ("to", message.to, message.payload)
-    return ("all", message.exclude, message.payload)
+        return (TO, message.to, message.payload)
+    return (ALL, message.exclude or 0, message.payload)
 
 
 def _process_batch(
-    kernel: DocumentKernel, batch: list[object]
-) -> tuple[list[bytes], list[tuple[object, ...]]]:
+    kernel: DocumentKernel, records: list[Record]
+) -> tuple[list[bytes], list[Record]]:
     durable: list[bytes] = []
-    outgoing: list[tuple[object, ...]] = []
+    outgoing: list[Record] = []
 
     def emit(messages: Iterable[Outgoing]) -> None:
         outgoing.extend(_to_master(message) for message in messages)
 
-    for message in batch:
-        match message:
-            case ("join", int() as client_id):
-                if kernel.is_joined(client_id):
-                    logger.warning("%s: client %d joined twice", kernel.name, client_id)
-                    continue
-                emit(kernel.join(client_id))
-            case ("msg", int() as client_id, bytes() | bytearray() as payload):
-                if not kernel.is_joined(client_id):
-                    continue  # kicked earlier in this batch, or already gone
-                try:
-                    reply = kernel.receive(client_id, bytes(payload))
-                except ProtocolError as exc:
-                    logger.info("%s: kicking client %d: %s", kernel.name, client_id, exc.reason)
-                    durable.extend(exc.reply.durable)
-                    emit(exc.reply.outgoing)
-                    outgoing.append(("kick", client_id, exc.close_code, _close_reason(exc.reason)))
-                    emit(kernel.leave(client_id))
-                else:
-                    durable.extend(reply.durable)
-                    emit(reply.outgoing)
-            case ("leave", int() as client_id):
+    for kind, client_id, payload in records:
+        if kind == MSG:
+            if not kernel.is_joined(client_id):
+                continue  # kicked earlier in this batch, or already gone
+            try:
+                reply = kernel.receive(client_id, payload)
+            except ProtocolError as exc:
+                logger.info("%s: kicking client %d: %s", kernel.name, client_id, exc.reason)
+                durable.extend(exc.reply.durable)
+                emit(exc.reply.outgoing)
+                outgoing.append((KICK, client_id, kick_payload(exc.close_code, exc.reason)))
                 emit(kernel.leave(client_id))
-            case _:
-                logger.warning("%s: ignoring unexpected message %.200r", kernel.name, message)
+            else:
+                durable.extend(reply.durable)
+                emit(reply.outgoing)
+        elif kind == JOIN:
+            if kernel.is_joined(client_id):
+                logger.warning("%s: client %d joined twice", kernel.name, client_id)
+                continue
+            emit(kernel.join(client_id))
+        else:  # LEAVE
+            emit(kernel.leave(client_id))
     return durable, outgoing
 
 
-def _receive_batch_nowait(parent: ParentChannel, batch: list[object]) -> None:
-    while len(batch) < MAX_BATCH:
+def _receive_records(first: object, parent: ParentChannel, name: str) -> list[Record]:
+    """The records of *first* and of every batch already queued behind it."""
+    batches = [first]
+    while len(batches) < MAX_BATCHES:
         try:
-            batch.append(parent.receive_nowait())
+            batches.append(parent.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
-            return
+            break
+    records: list[Record] = []
+    for batch in batches:
+        try:
+            records.extend(decode_from_master(batch))  # type: ignore[arg-type]
+        except BatchError as exc:
+            logger.warning("%s: ignoring an unexpected message (%s): %.200r", name, exc, batch)
+    return records
 
 
 @attrs.define
@@ -805,13 +823,14 @@ async def _refuse_clients(parent: ParentChannel, name: str) -> None:
             message = await parent.receive()
         except trio.EndOfChannel:
             return
-        match message:
-            case ("join", int() as client_id):
-                await parent.send(
-                    ("kick", client_id, CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
-                )
-            case _:
-                pass  # its messages and its leaving need nothing
+        try:
+            records = decode_from_master(message)  # type: ignore[arg-type]
+        except BatchError:
+            continue
+        kick = kick_payload(CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
+        kicks = [(KICK, client_id, kick) for kind, client_id, _ in records if kind == JOIN]
+        if kicks:  # its messages and its leaving need nothing
+            await parent.send(encode_for_master(kicks))
 
 
 async def run_document(parent: ParentChannel, name: str, data_dir: str | Path) -> None:
@@ -843,17 +862,19 @@ async def _serve(parent: ParentChannel, kernel: DocumentKernel, journal: Journal
                 first = await parent.receive()
             except trio.EndOfChannel:
                 return
-            batch = [first]
-            _receive_batch_nowait(parent, batch)
+            records = _receive_records(first, parent, kernel.name)
 
             consistent = False
-            durable, outgoing = _process_batch(kernel, batch)
+            durable, outgoing = _process_batch(kernel, records)
             if durable:
-                await trio.to_thread.run_sync(journal.append, durable)
+                # On this task, not a worker thread: this process serves one document,
+                # and nothing is answered before the batch is durable anyway; a thread
+                # hop per batch cost more CPU than the write and fsync themselves.
+                journal.append(durable)
             consistent = True
 
-            for message in outgoing:
-                await parent.send(message)
+            if outgoing:
+                await parent.send(encode_for_master(outgoing))
 
             if journal.size >= COMPACT_AFTER_BYTES:
                 consistent = False
@@ -878,17 +899,17 @@ async def _serve(parent: ParentChannel, kernel: DocumentKernel, journal: Journal
 async def serve_document(name: str, data_dir: str) -> None:
     """The child target for one document.
 
-    Messages from the master: ``("join", client_id)``, ``("msg", client_id, payload)``,
-    ``("leave", client_id)``. Messages to the master: ``("to", client_id, payload)``,
-    ``("all", exclude_client_id_or_None, payload)`` and
-    ``("kick", client_id, close_code, reason)``.
+    Messages from the master and to it are batches of records (see
+    :mod:`examples.collab.protocol`): ``JOIN``, ``MSG`` and ``LEAVE`` in, ``TO``,
+    ``ALL`` and ``KICK`` out.
 
-    Messages already queued are handled as one batch: the document updates they cause
-    are appended to the journal with a single fsync, and only then are the replies
-    sent. On cancellation (shutdown) the journal is compacted into a fresh snapshot.
+    Batches already queued are handled as one: the document updates they cause are
+    appended to the journal with a single fsync, and only then are the replies sent,
+    as one batch. On cancellation (shutdown) the journal is compacted into a fresh
+    snapshot.
 
-    If the document's storage cannot be opened, every ``("join", client_id)`` is
-    answered with ``("kick", client_id, CLOSE_DOCUMENT_UNAVAILABLE, reason)``.
+    If the document's storage cannot be opened, every ``JOIN`` is answered with a
+    ``KICK`` with :data:`CLOSE_DOCUMENT_UNAVAILABLE`.
     """
     import nursery_procs
 

@@ -1,32 +1,34 @@
 """The HTTP front of the collab server: it accepts connections, answers page
-requests, hands ``/doc/<name>`` upgrades to trio-websocket, and drains on stop.
+requests, accepts ``/doc/<name>`` WebSocket upgrades, and drains on stop.
 
 The master reads each request head itself (with h11) to tell a page request from a
-WebSocket upgrade; for an upgrade, trio-websocket reads the same head again from a
-:class:`ReplayStream`, which returns the bytes already read before reading on.
+WebSocket upgrade; for an upgrade it answers 101 and hands the socket, with any bytes
+read past the head, to a :class:`~examples.collab.websocket.ClientSocket`.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
 import attrs
 import h11
 import trio
-import trio_websocket
 
 from .settings import Settings
 from .static_files import StaticFiles
+from .websocket import ClientSocket
 
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_HEAD_BYTES",
     "Front",
-    "ReplayStream",
     "Upgrade",
+    "accept_token",
     "peer_name",
     "serve_http",
     "serve_websocket",
@@ -42,9 +44,9 @@ Headers = list[tuple[bytes, bytes]]
 
 log = logging.getLogger("collab")
 
-#: What serves a WebSocket client: ``handler(segment, peer, ws)``, where *segment* is
-#: the path after ``/doc/``, still percent-encoded.
-ClientHandler = Callable[[str, str, trio_websocket.WebSocketConnection], Awaitable[None]]
+#: What serves a WebSocket client: ``handler(segment, peer, socket)``, where *segment*
+#: is the path after ``/doc/``, still percent-encoded.
+ClientHandler = Callable[[str, str, ClientSocket], Awaitable[None]]
 
 
 class Front:
@@ -122,42 +124,12 @@ class Front:
 
 @attrs.frozen
 class Upgrade:
-    """A WebSocket request for ``/doc/<segment>``, with the raw bytes read so far."""
+    """A WebSocket request for ``/doc/<segment>``: its key, and the bytes read past
+    its head."""
 
-    raw: bytes
+    key: bytes
+    trailing: bytes
     segment: str
-
-
-class ReplayStream(trio.abc.HalfCloseableStream):
-    """A stream that first returns bytes already read from *stream*, then reads on."""
-
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-        self.closed = False
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.closed:
-            raise trio.ClosedResourceError("the stream is closed")
-        if self._prefix:
-            await trio.lowlevel.checkpoint()
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
-            return chunk
-        return await self._stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        self.closed = True
-        await self._stream.aclose()
 
 
 def peer_name(stream: trio.SocketStream) -> str:
@@ -199,44 +171,39 @@ async def _answer_requests(
     stream: trio.SocketStream, files: StaticFiles, http_timeout: float
 ) -> Upgrade | None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    raw = bytearray()  # everything read since the current request began
     while True:
         request: h11.Request | None = None
         with trio.move_on_after(http_timeout):
-            request = await _read_request(stream, conn, raw)
+            request = await _read_request(stream, conn)
         if request is None:
             return None  # closed, refused, or timed out
-        upgrade = await _respond(stream, conn, files, request, bytes(raw))
+        upgrade = await _respond(stream, conn, files, request)
         if upgrade is not None:
             return upgrade
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return None
         conn.start_next_cycle()
-        raw = bytearray(conn.trailing_data[0])
 
 
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream, raw: bytearray) -> object:
+async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
         data = await stream.receive_some(RECEIVE_SIZE)
-        raw += data
         conn.receive_data(data)
 
 
-async def _read_request(
-    stream: trio.SocketStream, conn: h11.Connection, raw: bytearray
-) -> h11.Request | None:
+async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
     """The next complete request (its body read and dropped), or ``None`` if the
     connection closed or the request was refused (and answered)."""
     try:
-        request = await _next_event(conn, stream, raw)
+        request = await _next_event(conn, stream)
         if not isinstance(request, h11.Request):
             return None  # closed between requests
         body = 0
         while True:
-            event = await _next_event(conn, stream, raw)
+            event = await _next_event(conn, stream)
             if isinstance(event, h11.EndOfMessage):
                 return request
             if isinstance(event, h11.ConnectionClosed):
@@ -257,14 +224,14 @@ async def _respond(
     conn: h11.Connection,
     files: StaticFiles,
     request: h11.Request,
-    raw: bytes,
 ) -> Upgrade | None:
     path = request.target.decode("latin-1").partition("?")[0]
     headers = {name.lower(): value for name, value in request.headers}
     wants_websocket = b"websocket" in headers.get(b"upgrade", b"").lower()
     if path.startswith("/doc/"):
         if await _check_upgrade(stream, conn, request, headers, wants_websocket):
-            return Upgrade(raw, path[len("/doc/") :])
+            trailing = bytes(conn.trailing_data[0])
+            return Upgrade(headers[b"sec-websocket-key"], trailing, path[len("/doc/") :])
         return None
     if request.method not in (b"GET", b"HEAD"):
         allow = [(b"allow", b"GET, HEAD")]
@@ -364,38 +331,37 @@ async def _close_gracefully(stream: trio.abc.HalfCloseableStream, linger: float)
 # -- WebSocket connections ----------------------------------------------------------------------
 
 
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def accept_token(key: bytes) -> bytes:
+    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.strip() + _GUID).digest())
+
+
 async def serve_websocket(
     stream: trio.SocketStream,
     upgrade: Upgrade,
-    handler: Callable[[trio_websocket.WebSocketConnection], Awaitable[None]],
+    handler: Callable[[ClientSocket], Awaitable[None]],
     settings: Settings,
 ) -> None:
-    """Finish the opening handshake of *upgrade* (within ``handshake_timeout``), run
-    ``handler(ws)``, then close the connection.
+    """Answer *upgrade* with 101 (within ``handshake_timeout``), run
+    ``handler(socket)``, then close the connection (the handler has normally
+    closed it already, with its close code).
 
-    trio-websocket does not close the TCP connection itself after some closes (a 1009,
-    message too big): then it is closed here, after a FIN and a bounded wait for the
-    client to read the close frame. Cancelled (a stop's deadline has passed), the
-    connection is dropped at once.
+    Cancelled (a stop's deadline has passed), the connection is dropped at once.
     """
-    replay = ReplayStream(stream, upgrade.raw)
+    response = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_token(upgrade.key) + b"\r\n\r\n"
+    )
+    socket = ClientSocket(
+        stream, max_message_size=settings.max_message_size, initial=upgrade.trailing
+    )
     try:
-        async with trio.open_nursery() as ws_tasks:
-            ws: trio_websocket.WebSocketConnection | None = None
-            with trio.move_on_after(settings.handshake_timeout):
-                request = await trio_websocket.wrap_server_stream(
-                    ws_tasks,
-                    replay,
-                    message_queue_size=4,
-                    max_message_size=settings.max_message_size,
-                    receive_buffer_size=RECEIVE_SIZE,
-                )
-                ws = await request.accept()
-            if ws is not None:
-                await handler(ws)
-            ws_tasks.cancel_scope.cancel()
-    except BaseException:
-        await trio.aclose_forcefully(replay)
-        raise
-    if not replay.closed:
-        await _close_gracefully(replay, settings.close_timeout)
+        with trio.move_on_after(settings.handshake_timeout) as handshake:
+            await stream.send_all(response)
+        if not handshake.cancelled_caught:
+            await handler(socket)
+    finally:
+        await socket.aclose()

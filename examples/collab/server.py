@@ -70,7 +70,6 @@ from examples.collab.clients import (
     CLOSE_GOING_AWAY,
     CLOSE_SERVICE_RESTART,
     CLOSE_TRY_AGAIN,
-    CLOSE_UNSUPPORTED_DATA,
     REASON_BUSY,
     REASON_DIED,
     REASON_SHUTDOWN,
@@ -78,10 +77,11 @@ from examples.collab.clients import (
     Audience,
     Client,
     Clients,
-    TextFrame,
-    WebSocketEnd,
+    ClientSource,
+    WebSocketError,
 )
 from examples.collab.kit import open_message, serve_pooled_document
+from examples.collab.protocol import JOIN, LEAVE, Record, encode_for_child
 from examples.collab.settings import Settings, parse_args
 from examples.collab.static_files import StaticFiles
 
@@ -91,21 +91,47 @@ log = logging.getLogger("collab")
 
 
 @attrs.define(eq=False)
+class BatchSource:
+    """A document's queue of client records as a :func:`nursery_procs.forward`
+    source: everything queued at once goes to the child as one batch (one link
+    message). The first value is *first* (the message that names the document)."""
+
+    queue: trio.MemoryReceiveChannel[Record]
+    first: object | None = None
+    max_records: int = 1024
+
+    async def receive(self) -> object:
+        if self.first is not None:
+            first, self.first = self.first, None
+            await trio.lowlevel.checkpoint()
+            return first
+        records = [await self.queue.receive()]
+        while len(records) < self.max_records:
+            try:
+                records.append(self.queue.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return encode_for_child(records)
+
+
+@attrs.define(eq=False)
 class Document:
-    """A document's child, as the master sees it: a queue of its clients' messages,
+    """A document's child, as the master sees it: a queue of its clients' records,
     and the clients its answers go to."""
 
     name: str
     ctx: nursery_procs.Context
     audience: Audience
     queue_size: int
+    #: The message that names the document to a fresh child.
+    opening: object
     #: The child's channel has ended (it exited or died): no new clients.
     ended: bool = False
-    inbound: trio.MemorySendChannel[object] = attrs.field(init=False)
-    _queued: trio.MemoryReceiveChannel[object] = attrs.field(init=False)
+    inbound: trio.MemorySendChannel[Record] = attrs.field(init=False)
+    _queued: trio.MemoryReceiveChannel[Record] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.inbound, self._queued = trio.open_memory_channel[object](self.queue_size)
+        self.inbound, self._queued = trio.open_memory_channel[Record](self.queue_size)
 
     async def run(self) -> nursery_procs.Forwarded:
         """Pump the queue into the child and the child's answers out to its clients,
@@ -114,17 +140,11 @@ class Document:
         async with trio.open_nursery() as pumps:
             # The only task that writes to the child, never cancelled in the middle of
             # a message (that would close the link): it ends when the queue is closed.
+            source = BatchSource(self._queued, first=self.opening)
             pumps.start_soon(
-                functools.partial(
-                    nursery_procs.forward, self._queued, self.ctx, drop_on=undecodable
-                )
+                functools.partial(nursery_procs.forward, source, self.ctx, drop_on=undecodable)
             )
-            ended = await nursery_procs.forward(
-                self.ctx,
-                fan_out=self.audience.recipients,
-                transform=self.audience.item,
-                drop_on=undecodable,
-            )
+            ended = await nursery_procs.forward(self.ctx, self.audience, drop_on=undecodable)
             self.ended = True
             self._queued.close()  # ends the other pump
             if isinstance(ended.reason, nursery_procs.ContextDied):
@@ -133,18 +153,18 @@ class Document:
                 self.audience.close_all(CLOSE_SERVICE_RESTART, REASON_STOPPED)
         return ended
 
-    def post_nowait(self, message: object, nursery: trio.Nursery) -> None:
-        """Queue *message* for the child without waiting (later, if the queue is full;
+    def post_nowait(self, record: Record, nursery: trio.Nursery) -> None:
+        """Queue *record* for the child without waiting (later, if the queue is full;
         not at all if the child has gone)."""
         with contextlib.suppress(trio.BrokenResourceError):
             try:
-                self.inbound.send_nowait(message)
+                self.inbound.send_nowait(record)
             except trio.WouldBlock:
-                nursery.start_soon(self._post_later, message)
+                nursery.start_soon(self._post_later, record)
 
-    async def _post_later(self, message: object) -> None:
+    async def _post_later(self, record: Record) -> None:
         with contextlib.suppress(trio.BrokenResourceError):
-            await self.inbound.send(message)
+            await self.inbound.send(record)
 
 
 class CollabServer:
@@ -277,8 +297,9 @@ class CollabServer:
     def _document_for(self, ctx: nursery_procs.Context, name: str) -> Document:
         doc = self._documents.get(ctx.id)
         if doc is None:
-            doc = Document(name, ctx, Audience(name), self.settings.document_queue)
-            doc.inbound.send_nowait(open_message(name, self._data_dir))  # before any join
+            audience = Audience(name, self.settings.link_message_size)
+            opening = open_message(name, self._data_dir)
+            doc = Document(name, ctx, audience, self.settings.document_queue, opening)
             self._documents[ctx.id] = doc
             self._document_tasks.start_soon(self._run_document, doc, name=f"document {name!r}")
             log.info("document %r opened in %s (pid %s)", name, ctx.name, ctx.pid)
@@ -291,11 +312,11 @@ class CollabServer:
         doc.audience.add(client)  # first, so that no answer to the join can miss it
         self._notify()
         try:
-            await doc.inbound.send(("join", client.id))
-            source = WebSocketEnd(client.ws)
+            await doc.inbound.send((JOIN, client.id, b""))
+            source = ClientSource(client.socket)
             ended = await nursery_procs.forward(source, doc.inbound, transform=client.tag)
-        except TextFrame as exc:
-            client.request_close(CLOSE_UNSUPPORTED_DATA, str(exc))
+        except WebSocketError as exc:  # a text frame (1003), too big (1009), malformed
+            client.request_close(exc.code, exc.reason)
         except trio.BrokenResourceError:  # the child went before the join
             client.request_close(CLOSE_DOCUMENT_DIED, REASON_DIED)
         else:
@@ -306,7 +327,7 @@ class CollabServer:
         finally:
             if doc.audience.remove(client):
                 self._notify()
-                doc.post_nowait(("leave", client.id), self._document_tasks)
+                doc.post_nowait((LEAVE, client.id, b""), self._document_tasks)
 
     async def _run_document(self, doc: Document) -> None:
         ended = await doc.run()

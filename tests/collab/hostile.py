@@ -5,10 +5,12 @@ back may not)."""
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
 import nursery_procs
+from examples.collab.protocol import KICK, TO, kick_payload
 from nursery_procs._router import current_router
 from nursery_procs._wire import Handle, Message
 
@@ -34,36 +36,46 @@ async def send_crafted_pickles(canary: str) -> str:
 
 
 #: Stands for the id of a connected client in :data:`MALFORMED`.
-CLIENT = "<client id>"
+CLIENT = 2**40
 
-#: Messages of the wrong shape: unknown tags, wrong types, ids, close codes.
+
+def _record(kind: int, client_id: int, payload: bytes, *, length: int | None = None) -> bytes:
+    size = len(payload) if length is None else length
+    return struct.pack("!BQI", kind, client_id, size) + payload
+
+
+#: Messages that are not well-formed batches: other types, unknown kinds, lengths
+#: that do not fit, client 0, bad close codes and reasons. Each one carries a valid
+#: record for the client first, which must not be acted on either.
 MALFORMED: list[object] = [
-    ["to", "1", b"x"],
-    ["to", True, b"x"],
-    ["to", "-1", b"x"],
-    ["to", 2**63, b"x"],
-    ["to", CLIENT, "text, not bytes"],
-    ["all", "nobody", b"x"],
-    ["all", None],
-    ["kick", CLIENT, 1005, "reserved code"],
-    ["kick", CLIENT, 99999, "no such code"],
-    ["kick", CLIENT, 1003, b"bytes reason"],
-    ["kick", CLIENT, 1003, "reason", "extra"],
-    ["open", "x", "y"],
-    {"to": 1},
+    ["to", CLIENT, b"x"],
+    {"to": CLIENT},
     "to",
     12,
-    None,
-    b"\x00\x01",
+    b"\x00",
+    _record(TO, CLIENT, b"x") + b"\x63" * 5,  # a truncated header
+    _record(TO, CLIENT, b"x") + _record(99, CLIENT, b"x"),
+    _record(TO, CLIENT, b"x") + _record(TO, CLIENT, b"x", length=1000),
+    _record(TO, CLIENT, b"x") + _record(TO, 0, b"x"),
+    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, kick_payload(1005, "reserved")),
+    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, kick_payload(99, "no such code")),
+    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, b"\x03\xeb\xff\xfe"),  # not UTF-8
+    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, b"\x03\xeb" + b"r" * 124),
+    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, b"\x03"),
 ]
 
 
+def _aimed(message: object, client_id: int) -> object:
+    if isinstance(message, bytes):
+        return message.replace(CLIENT.to_bytes(8, "big"), client_id.to_bytes(8, "big"))
+    if isinstance(message, list):
+        return [client_id if part == CLIENT else part for part in message]
+    return message
+
+
 async def send_malformed(client_id: int) -> int:
-    """Send the master every message in :data:`MALFORMED`, each aimed at *client_id*
-    where it names one."""
+    """Send the master every message in :data:`MALFORMED`, aimed at *client_id*."""
     parent = nursery_procs.parent()
     for message in MALFORMED:
-        if isinstance(message, list):
-            message = [client_id if part == CLIENT else part for part in message]
-        await parent.send(message)
+        await parent.send(_aimed(message, client_id))
     return len(MALFORMED)

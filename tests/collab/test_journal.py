@@ -106,14 +106,14 @@ def test_record_layout() -> None:
 
 def test_append_is_one_fsync_per_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real_fsync = os.fsync
+    real_fsync = os.fdatasync
 
     def counting_fsync(fd: int) -> None:
         calls.append(fd)
         real_fsync(fd)
 
     with Journal.open(tmp_path, "doc") as journal:
-        monkeypatch.setattr(os, "fsync", counting_fsync)
+        monkeypatch.setattr(os, "fdatasync", counting_fsync)
         journal.append(UPDATES)
         assert len(calls) == 1
         journal.append([])
@@ -585,7 +585,7 @@ def test_failed_fsync_poisons_the_journal(tmp_path: Path, monkeypatch: pytest.Mo
     with Journal.open(tmp_path, "doc") as journal:
         journal.append([b"kept"])
         with monkeypatch.context() as patch:
-            patch.setattr(os, "fsync", failing_fsync)
+            patch.setattr(os, "fdatasync", failing_fsync)
             with pytest.raises(OSError, match="simulated"):
                 journal.append([b"lost"])
         assert journal.failed

@@ -24,6 +24,7 @@ from pycrdt import Doc, Text, create_sync_message
 
 from examples.collab.document import (
     CLOSE_DOCUMENT_UNAVAILABLE,
+    REASON_UNAVAILABLE,
     DocumentKernel,
     _load_kernel,
     _open_journal,
@@ -31,6 +32,7 @@ from examples.collab.document import (
     storage_statistics,
 )
 from examples.collab.journal import Journal, StorageStatistics
+from examples.collab.protocol import JOIN, KICK, LEAVE, MSG, decode_kick
 from examples.collab.storage_format import JOURNAL_HEADER, SNAPSHOT_MAGIC, encode_record
 
 from .test_document import Client, FakeParent, Hub, append
@@ -328,15 +330,14 @@ async def test_unopenable_document_kicks_each_client_once(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_document, parent, NAME, tmp_path)
             client = Client(1)
-            for message in [("join", 1), ("msg", 1, client.edit(append("x"))), ("leave", 1)]:
-                parent.to_child_send.send_nowait(message)
-            parent.to_child_send.send_nowait(("join", 2))
+            parent.post((JOIN, 1, b""), (MSG, 1, client.edit(append("x"))), (LEAVE, 1, b""))
+            parent.post((JOIN, 2, b""))
             kick_1 = await parent.from_child_receive.receive()
             kick_2 = await parent.from_child_receive.receive()
             parent.to_child_send.close()
-    assert kick_1[:3] == ("kick", 1, CLOSE_DOCUMENT_UNAVAILABLE)
-    assert kick_2[:3] == ("kick", 2, CLOSE_DOCUMENT_UNAVAILABLE)
-    assert len(kick_1[3].encode()) <= 123
+    assert kick_1[:2] == (KICK, 1) and kick_2[:2] == (KICK, 2)
+    assert decode_kick(kick_1[2]) == decode_kick(kick_2[2])
+    assert decode_kick(kick_1[2]) == (CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
     with pytest.raises(trio.WouldBlock):
         parent.from_child_receive.receive_nowait()  # nothing else was sent
     # Nothing changed on disk but the quarantine copies.
@@ -356,12 +357,10 @@ async def test_document_whose_updates_all_fail_is_refused(tmp_path: Path) -> Non
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_document, parent, NAME, tmp_path)
-            parent.to_child_send.send_nowait(("join", 7))
-            assert (await parent.from_child_receive.receive())[:3] == (
-                "kick",
-                7,
-                CLOSE_DOCUMENT_UNAVAILABLE,
-            )
+            parent.post((JOIN, 7, b""))
+            kind, client_id, kick = await parent.from_child_receive.receive()
+            assert (kind, client_id) == (KICK, 7)
+            assert decode_kick(kick)[0] == CLOSE_DOCUMENT_UNAVAILABLE
             parent.to_child_send.close()
     # Still there for the operator.
     with Journal.open(tmp_path, NAME) as journal:

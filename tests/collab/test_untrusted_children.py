@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from examples.collab.clients import parse_child_message
+from examples.collab.protocol import (
+    ALL,
+    KICK,
+    TO,
+    BatchError,
+    decode_from_child,
+    decode_kick,
+    encode_for_master,
+    kick_payload,
+)
 
 from . import hostile
 from .servers import TIMEOUT, check_works, running, ws_url
@@ -50,11 +59,16 @@ async def test_a_document_child_cannot_make_the_master_unpickle(
     assert all(r.levelno == logging.WARNING for r in unexpected)
 
 
-def test_child_messages_are_checked_for_shape() -> None:
-    assert all(parse_child_message(m) is None for m in hostile.MALFORMED)
-    # What a document child really sends arrives as lists (msgpack has no tuples).
-    assert parse_child_message(["to", 3, b"x"]) is not None
-    assert parse_child_message(["all", None, b"x"]) is not None
-    assert parse_child_message(["all", 3, b"x"]) is not None
-    kick = parse_child_message(["kick", 3, 4422, "é" * 100])
-    assert kick is not None and len(kick.reason.encode()) <= 123  # type: ignore[union-attr]
+def test_child_batches_are_checked_whole() -> None:
+    for message in hostile.MALFORMED:
+        with pytest.raises(BatchError):
+            decode_from_child(message)
+    batch = encode_for_master(
+        [(TO, 3, b"x"), (ALL, 0, b"y"), (ALL, 3, b"z"), (KICK, 3, kick_payload(4422, "é" * 100))]
+    )
+    records = decode_from_child(batch)
+    assert [kind for kind, _, _ in records] == [TO, ALL, ALL, KICK]
+    code, reason = decode_kick(records[-1][2])
+    assert code == 4422 and len(reason.encode()) <= 123
+    with pytest.raises(BatchError):
+        decode_from_child(batch, max_payload=0)
