@@ -103,7 +103,7 @@ def _unmask_small(data: bytes | bytearray | memoryview, key: bytes | bytearray) 
 try:  # the C routine websockets ships: 100x faster than Python integers on 1 MiB
     from websockets.speedups import apply_mask as _unmask_large
 except ImportError:  # pragma: no cover - then large messages are unmasked in Python
-    _unmask_large = _unmask_small
+    _unmask_large = _unmask_small  # type: ignore[assignment]  # same call, other names
 
 
 def _unmask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
