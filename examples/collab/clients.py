@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,7 +21,16 @@ import attrs
 import trio
 
 from .document import validate_name
-from .protocol import ALL, MSG, TO, BatchError, Record, decode_from_child, decode_kick
+from .protocol import (
+    ALL,
+    MSG,
+    RESYNCED,
+    TO,
+    BatchError,
+    Record,
+    decode_from_child,
+    decode_kick,
+)
 from .settings import Settings
 from .websocket import REASON_TEXT, ClientSocket, WebSocketError, binary_frame
 
@@ -29,14 +39,18 @@ __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_INVALID_NAME",
     "CLOSE_NORMAL",
+    "CLOSE_POLICY_VIOLATION",
     "CLOSE_SERVICE_RESTART",
     "CLOSE_TRY_AGAIN",
     "CLOSE_UNSUPPORTED_DATA",
     "REASON_TEXT",
+    "REASON_TOO_FAST",
+    "REASON_TOO_SLOW",
     "Audience",
     "Client",
     "ClientSource",
     "Clients",
+    "TokenBucket",
     "WebSocketError",
     "document_name",
 ]
@@ -46,6 +60,7 @@ log = logging.getLogger("collab")
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_DOCUMENT_DIED = 1011
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
@@ -59,6 +74,8 @@ REASON_BUSY = "document server busy, try again"
 REASON_TOO_MANY = "too many clients"
 REASON_TOO_MANY_HERE = "too many clients on this document"
 REASON_TOO_SLOW = "client too slow: too many messages queued"
+REASON_TOO_FAST = "too many messages: over the rate limit"
+
 
 #: A WebSocket close reason is at most 123 bytes of UTF-8.
 MAX_REASON_BYTES = 123
@@ -81,6 +98,29 @@ def document_name(segment: str) -> str:
     except UnicodeDecodeError:
         raise ValueError("document name is not UTF-8") from None
     return validate_name(name)
+
+
+@attrs.define
+class TokenBucket:
+    """A rate limit: *rate* tokens a second, at most *burst* saved up."""
+
+    rate: float
+    burst: float
+    tokens: float = attrs.field(init=False)
+    updated: float = -math.inf
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self, now: float) -> bool:
+        """Take one token at time *now*; whether there was one."""
+        if self.updated > -math.inf:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 @attrs.frozen
@@ -113,23 +153,64 @@ class Client:
     #: Covers waiting for the document and reading from the client; a close request
     #: cancels it.
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    #: How many messages it may send (``None``: no limit).
+    rate: TokenBucket | None = None
+    #: Asks its document for a message with everything (set once it has joined one).
+    resync: Callable[[], None] | None = None
+    #: Frames for it are dropped until its document's catch-up message arrives.
+    behind: bool = False
+    #: Where, in the bytes written to it, the last catch-up message ends.
+    caught_up_at: float = 0
+    #: How many times it fell behind and was caught up.
+    resyncs: int = 0
 
     def offer(self, frame: bytes) -> None:
         """Send an encoded frame (the same bytes may go to many clients); never blocks.
 
-        A client with more than ``queue_size`` frames waiting is closed as too slow,
-        so that one slow reader never holds the others back.
+        A client with more than ``queue_size`` frames waiting has fallen behind: what
+        waits is dropped and the document is asked for one message with everything
+        (see :meth:`fall_behind`); until that arrives, frames for it are dropped too,
+        since that message covers them.
         """
-        if self.close_code is not None:
+        if self.close_code is not None or self.behind:
             return
         socket = self.socket
         socket.offer(frame)
         if socket.pending_frames > self.queue_size:
-            log.warning("client %d on %r: queue full; closing it", self.id, self.name)
+            self.fall_behind()
+
+    def fall_behind(self) -> None:
+        """Drop what waits for the client and ask its document to catch it up with one
+        message. A client that falls behind again before it has read the last such
+        message is not reading at all: it is closed as too slow (1013)."""
+        socket = self.socket
+        if self.resync is None or socket.bytes_written < self.caught_up_at:
+            log.warning("client %d on %r: too slow; closing it", self.id, self.name)
             self.request_close(CLOSE_TRY_AGAIN, REASON_TOO_SLOW, discard=True)
+            return
+        log.info("client %d on %r: fell behind; catching it up", self.id, self.name)
+        socket.discard_pending()
+        self.behind = True
+        self.caught_up_at = math.inf  # until the catch-up message is queued
+        self.resyncs += 1
+        self.resync()
+
+    def caught_up(self, frame: bytes) -> None:
+        """The document's answer to :meth:`fall_behind`: send it, and what follows."""
+        self.behind = False
+        socket = self.socket
+        self.caught_up_at = socket.bytes_written + socket.pending_bytes + len(frame)
+        self.offer(frame)
 
     def tag(self, message: bytes) -> Record:
-        """What the document's child gets for a *message* from this client."""
+        """What the document's child gets for a *message* from this client.
+
+        Raises:
+            WebSocketError: the client sends faster than its rate limit allows (1008).
+        """
+        rate = self.rate
+        if rate is not None and not rate.take(trio.current_time()):
+            raise WebSocketError(CLOSE_POLICY_VIOLATION, REASON_TOO_FAST)
         return (MSG, self.id, message)
 
     def request_close(self, code: int, reason: str, *, discard: bool = False) -> None:
@@ -221,7 +302,10 @@ class Clients:
 
     @contextlib.contextmanager
     def _connected(self, socket: ClientSocket, peer: str) -> Iterator[Client]:
-        client = Client(next(self._ids), socket, peer, self.settings.client_queue)
+        settings = self.settings
+        client = Client(next(self._ids), socket, peer, settings.client_queue)
+        if settings.max_messages_per_second:
+            client.rate = TokenBucket(settings.max_messages_per_second, settings.message_burst)
         self._all[client.id] = client
         self.on_change()
         try:
@@ -308,6 +392,8 @@ class Audience:
                 continue  # gone meanwhile
             if kind == TO:
                 client.offer(binary_frame(payload))
+            elif kind == RESYNCED:
+                client.caught_up(binary_frame(payload))
             else:
                 code, reason = decode_kick(payload)
                 log.info("client %d closed by %r: %d %s", client_id, self.name, code, reason)

@@ -51,6 +51,8 @@ from .protocol import (
     JOIN,
     KICK,
     MSG,
+    RESYNC,
+    RESYNCED,
     TO,
     BatchError,
     Record,
@@ -61,9 +63,12 @@ from .protocol import (
 
 __all__ = [
     "CLOSE_DOCUMENT_UNAVAILABLE",
+    "CLOSE_POLICY_VIOLATION",
     "CLOSE_UNSUPPORTED_DATA",
+    "MAX_AWARENESS_PER_CLIENT",
     "MAX_NAME_BYTES",
     "MAX_NAME_CHARS",
+    "REASON_TOO_MANY_AWARENESS",
     "REASON_UNAVAILABLE",
     "DocumentKernel",
     "Outgoing",
@@ -96,6 +101,14 @@ EMPTY_UPDATE = b"\x00\x00"
 
 #: WebSocket close code for a client that sent something other than y-websocket messages.
 CLOSE_UNSUPPORTED_DATA = 1003
+#: WebSocket close code for a client over one of its limits (awareness states, rate).
+CLOSE_POLICY_VIOLATION = 1008
+#: The most awareness states one connection may publish at once (a y-websocket
+#: client publishes one: its own).
+MAX_AWARENESS_PER_CLIENT = 16
+REASON_TOO_MANY_AWARENESS = (
+    f"too many awareness states: at most {MAX_AWARENESS_PER_CLIENT} a client"
+)
 #: WebSocket close code for every client of a document whose storage cannot be opened
 #: (unreadable, or damaged with nothing valid left). In 4400-4499, so that the page shows
 #: it and does not reconnect.
@@ -325,14 +338,20 @@ def _parse_awareness_state(raw: str) -> dict[str, Any] | None:
     return state
 
 
-def _check_awareness_update(update: bytes) -> None:
+def _check_awareness_update(update: bytes) -> set[int]:
+    """Check an awareness update; return the ids it sets a state for (not ``null``)."""
     reader = _Reader(update)
     count = reader.var_uint("awareness entry count")
+    present: set[int] = set()
     for _ in range(count):
-        reader.var_uint("awareness client id")
+        awareness_id = reader.var_uint("awareness client id")
         reader.var_uint("awareness clock")
-        _parse_awareness_state(reader.var_string("awareness state"))
+        if _parse_awareness_state(reader.var_string("awareness state")) is not None:
+            present.add(awareness_id)
+        else:
+            present.discard(awareness_id)
     reader.expect_end("awareness update")
+    return present
 
 
 # -- the kernel -------------------------------------------------------------------------------
@@ -444,6 +463,11 @@ class DocumentKernel:
     def text(self) -> str:
         """The shared text's current content."""
         return str(self._text)
+
+    def catch_up(self) -> bytes:
+        """One message that brings a client that missed messages up to date: the whole
+        document as one update (sync step 2; what the client has already is harmless)."""
+        return _sync_message(SYNC_STEP2, self._doc.get_update())
 
     # -- connections -------------------------------------------------------------------------
 
@@ -570,7 +594,9 @@ class DocumentKernel:
         )
 
     def _on_awareness(self, client_id: int, update: bytes) -> Reply:
-        _check_awareness_update(update)
+        present = _check_awareness_update(update)
+        if len(self._owned[client_id] | present) > MAX_AWARENESS_PER_CLIENT:
+            raise ProtocolError(REASON_TOO_MANY_AWARENESS, close_code=CLOSE_POLICY_VIOLATION)
         changes = self._capture_awareness(
             lambda: self._awareness.apply_awareness_update(update, client_id)
         )
@@ -667,15 +693,50 @@ def _to_master(message: Outgoing) -> Record:
     return (ALL, message.exclude or 0, message.payload)
 
 
+_UPDATE_PREFIX = bytes((MESSAGE_SYNC, SYNC_UPDATE))
+
+
+def _is_update_from(message: Outgoing, client_id: int) -> bool:
+    return (
+        message.to is None
+        and message.exclude == client_id
+        and message.payload[:2] == _UPDATE_PREFIX
+    )
+
+
+class _Batch:
+    """What one batch of records makes: durable updates and messages for the master.
+
+    The document updates of each sender are merged into one broadcast per batch
+    (pycrdt's ``merge_updates``): a client that sends many small updates at once
+    costs its peers one message, not one each.
+    """
+
+    def __init__(self) -> None:
+        self.durable: list[bytes] = []
+        self.outgoing: list[Record] = []
+        self._updates: dict[int, list[bytes]] = {}
+
+    def add(self, client_id: int, reply: Reply) -> None:
+        self.durable.extend(reply.durable)
+        if reply.durable:
+            self._updates.setdefault(client_id, []).extend(reply.durable)
+        self.emit(m for m in reply.outgoing if not _is_update_from(m, client_id))
+
+    def emit(self, messages: Iterable[Outgoing]) -> None:
+        self.outgoing.extend(_to_master(message) for message in messages)
+
+    def finish(self) -> tuple[list[bytes], list[Record]]:
+        for client_id, updates in self._updates.items():
+            merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
+            self.outgoing.append((ALL, client_id, _sync_message(SYNC_UPDATE, merged)))
+        return self.durable, self.outgoing
+
+
 def _process_batch(
     kernel: DocumentKernel, records: list[Record]
 ) -> tuple[list[bytes], list[Record]]:
-    durable: list[bytes] = []
-    outgoing: list[Record] = []
-
-    def emit(messages: Iterable[Outgoing]) -> None:
-        outgoing.extend(_to_master(message) for message in messages)
-
+    batch = _Batch()
     for kind, client_id, payload in records:
         if kind == MSG:
             if not kernel.is_joined(client_id):
@@ -684,21 +745,23 @@ def _process_batch(
                 reply = kernel.receive(client_id, payload)
             except ProtocolError as exc:
                 logger.info("%s: kicking client %d: %s", kernel.name, client_id, exc.reason)
-                durable.extend(exc.reply.durable)
-                emit(exc.reply.outgoing)
-                outgoing.append((KICK, client_id, kick_payload(exc.close_code, exc.reason)))
-                emit(kernel.leave(client_id))
+                batch.add(client_id, exc.reply)
+                kick = kick_payload(exc.close_code, exc.reason)
+                batch.outgoing.append((KICK, client_id, kick))
+                batch.emit(kernel.leave(client_id))
             else:
-                durable.extend(reply.durable)
-                emit(reply.outgoing)
+                batch.add(client_id, reply)
         elif kind == JOIN:
             if kernel.is_joined(client_id):
                 logger.warning("%s: client %d joined twice", kernel.name, client_id)
                 continue
-            emit(kernel.join(client_id))
+            batch.emit(kernel.join(client_id))
+        elif kind == RESYNC:
+            if kernel.is_joined(client_id):
+                batch.outgoing.append((RESYNCED, client_id, kernel.catch_up()))
         else:  # LEAVE
-            emit(kernel.leave(client_id))
-    return durable, outgoing
+            batch.emit(kernel.leave(client_id))
+    return batch.finish()
 
 
 def _receive_records(first: object, parent: ParentChannel, name: str) -> list[Record]:

@@ -13,15 +13,18 @@ Master to child (:func:`encode_for_child`, :func:`decode_from_master`):
 ``JOIN``   a client joined (no payload)
 ``MSG``    a message from the client: its y-websocket bytes, undecoded
 ``LEAVE``  the client left (no payload)
+``RESYNC`` the client fell behind and missed messages: send it the document
 =========  ==================================================================
 
 Child to master (:func:`encode_for_master`, :func:`decode_from_child`):
 
-=========  ==================================================================
-``TO``     a message for one client
-``ALL``    a message for every client but the one named (client id 0: all)
-``KICK``   close the client: a u16 close code, then the UTF-8 reason
-=========  ==================================================================
+============  ===============================================================
+``TO``        a message for one client
+``ALL``       a message for every client but the one named (client id 0: all)
+``KICK``      close the client: a u16 close code, then the UTF-8 reason
+``RESYNCED``  the answer to ``RESYNC``: one message with everything the client
+              missed (broadcasts before it are covered by it)
+============  ===============================================================
 
 Document children are untrusted, so :func:`decode_from_child` checks every record
 (kind, lengths, ids, close codes, reasons) and refuses the whole batch if one is wrong;
@@ -40,6 +43,8 @@ __all__ = [
     "KICK",
     "LEAVE",
     "MSG",
+    "RESYNC",
+    "RESYNCED",
     "TO",
     "BatchError",
     "Record",
@@ -56,12 +61,14 @@ __all__ = [
 JOIN = 1
 MSG = 2
 LEAVE = 3
+RESYNC = 4
 TO = 11
 ALL = 12
 KICK = 13
+RESYNCED = 14
 
-_FROM_MASTER = frozenset((JOIN, MSG, LEAVE))
-_FROM_CHILD = frozenset((TO, ALL, KICK))
+_FROM_MASTER = frozenset((JOIN, MSG, LEAVE, RESYNC))
+_FROM_CHILD = frozenset((TO, ALL, KICK, RESYNCED))
 
 _HEAD = struct.Struct("!BQI")
 _CODE = struct.Struct("!H")

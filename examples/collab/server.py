@@ -81,7 +81,7 @@ from examples.collab.clients import (
     WebSocketError,
 )
 from examples.collab.kit import open_message, serve_pooled_document
-from examples.collab.protocol import JOIN, LEAVE, Record, encode_for_child
+from examples.collab.protocol import JOIN, LEAVE, RESYNC, Record, encode_for_child
 from examples.collab.settings import Settings, parse_args
 from examples.collab.static_files import StaticFiles
 
@@ -310,6 +310,9 @@ class CollabServer:
         """Join *doc*, send it the client's messages tagged with its id until either of
         them goes, then leave."""
         doc.audience.add(client)  # first, so that no answer to the join can miss it
+        client.resync = functools.partial(
+            doc.post_nowait, (RESYNC, client.id, b""), self._document_tasks
+        )
         self._notify()
         try:
             await doc.inbound.send((JOIN, client.id, b""))

@@ -36,8 +36,15 @@ class Settings:
     start_timeout: float = 10.0
     #: The largest WebSocket message accepted from a client.
     max_message_size: int = 1024 * 1024
-    #: Messages queued for one client before it is disconnected as too slow.
+    #: Messages waiting for one client before it counts as behind: they are dropped and
+    #: it gets one message with the whole document instead (closed as too slow if it
+    #: falls behind again before it has read that message).
     client_queue: int = 1024
+    #: Messages a client may send a second, on average (0: no limit); over it, the
+    #: client is closed with 1008.
+    max_messages_per_second: float = 200.0
+    #: Messages a client may send at once above that rate.
+    message_burst: int = 2000
     #: Messages from clients queued for one document's child.
     document_queue: int = 1024
     #: Seconds to read an HTTP request head (and between keep-alive requests).
@@ -58,6 +65,8 @@ class Settings:
                 raise ValueError(f"{name} must be >= 1")
         if self.spare < 0 or self.spare > self.max_docs:
             raise ValueError("spare must be between 0 and max_docs")
+        if self.max_messages_per_second < 0 or self.message_burst < 1:
+            raise ValueError("max_messages_per_second must be >= 0 and message_burst >= 1")
         if self.max_message_size < 1024:
             raise ValueError("max_message_size must be >= 1024")
         for name in ("linger", "start_timeout", "http_timeout", "handshake_timeout"):
@@ -108,8 +117,15 @@ def _parser() -> argparse.ArgumentParser:
         "--client-queue",
         type=int,
         default=defaults.client_queue,
-        help="messages queued for a client before it is closed as too slow",
+        help="messages waiting for a client before it is caught up with one message",
     )
+    add(
+        "--max-messages-per-second",
+        type=float,
+        default=defaults.max_messages_per_second,
+        help="messages a client may send a second on average (0: no limit)",
+    )
+    add("--message-burst", type=int, default=defaults.message_burst)
     add("--control", type=Path, default=None, help="serve the control API on this Unix socket")
     add("--log-level", default="INFO")
     return parser

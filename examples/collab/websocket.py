@@ -143,6 +143,8 @@ class ClientSocket:
         self._fragment_size = 0
         self._pending: collections.deque[bytes | memoryview] = collections.deque()
         self.pending_bytes = 0
+        #: Bytes written to the socket so far.
+        self.bytes_written = 0
         self._writer = trio.lowlevel.ParkingLot()
         self._unyielded = 0
         #: The peer's close code and reason once its close frame (or the end of the
@@ -176,6 +178,7 @@ class ClientSocket:
             except OSError:
                 self._break()
                 return
+            self.bytes_written += written
             if written == len(frame):
                 return
             if written:
@@ -243,6 +246,7 @@ class ClientSocket:
             self._break()
             return
         self.pending_bytes -= written
+        self.bytes_written += written
         while written:
             head = pending[0]
             if written >= len(head):

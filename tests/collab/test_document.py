@@ -24,11 +24,15 @@ from pycrdt import (
 )
 
 from examples.collab.document import (
+    CLOSE_POLICY_VIOLATION,
     CLOSE_UNSUPPORTED_DATA,
+    MAX_AWARENESS_PER_CLIENT,
+    REASON_TOO_MANY_AWARENESS,
     DocumentKernel,
     Outgoing,
     ProtocolError,
     UnknownClientError,
+    _process_batch,
     run_document,
     validate_name,
 )
@@ -39,6 +43,8 @@ from examples.collab.protocol import (
     KICK,
     LEAVE,
     MSG,
+    RESYNC,
+    RESYNCED,
     TO,
     Record,
     decode_from_child,
@@ -455,6 +461,49 @@ def test_awareness_moves_to_the_newest_connection(hub: Hub) -> None:
     assert _states(b) == {a.doc.client_id: {"user": {"name": "alice again"}}}
 
 
+def test_awareness_states_per_client_are_limited(hub: Hub) -> None:
+    hub.connect(1)
+    states = [(awareness_id, 1, '{"user":{"name":"x"}}') for awareness_id in range(5000)]
+    with pytest.raises(ProtocolError) as refused:
+        hub.kernel.receive(1, _awareness(states))
+    assert refused.value.close_code == CLOSE_POLICY_VIOLATION
+    assert refused.value.reason == REASON_TOO_MANY_AWARENESS
+    assert hub.kernel.awareness_states() == {}  # nothing was kept
+    allowed = states[:MAX_AWARENESS_PER_CLIENT]
+    hub.kernel.receive(1, _awareness(allowed))
+    assert len(hub.kernel.awareness_states()) == MAX_AWARENESS_PER_CLIENT
+    # Removing states (null) is always allowed; a new one over the limit is not.
+    with pytest.raises(ProtocolError):
+        hub.kernel.receive(1, _awareness([(10**6, 1, "{}")]))
+
+
+def test_a_flood_of_updates_is_merged_into_one_broadcast(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, "notes") as journal:
+        kernel = DocumentKernel("notes", journal)
+        a = Client(1)
+        _process_batch(kernel, [(JOIN, 1, b""), (JOIN, 2, b"")])
+        flood = [(MSG, 1, a.edit(append(f"<{i}>"))) for i in range(200)]
+        durable, outgoing = _process_batch(kernel, flood)
+        assert len(durable) == 200  # every update journaled
+        [(kind, exclude, payload)] = outgoing
+        assert (kind, exclude) == (ALL, 1)
+        b = Client(2)
+        b.handle(payload)
+        assert str(b.text) == str(a.text)
+
+
+def test_a_client_that_fell_behind_gets_the_document(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, "notes") as journal:
+        kernel = DocumentKernel("notes", journal)
+        a = Client(1)
+        _process_batch(kernel, [(JOIN, 1, b""), (JOIN, 2, b""), (MSG, 1, a.edit(append("x")))])
+        _, [(kind, client_id, payload)] = _process_batch(kernel, [(RESYNC, 2, b"")])
+        assert (kind, client_id) == (RESYNCED, 2)
+        b = Client(2)
+        b.handle(payload)
+        assert str(b.text) == "x"
+
+
 def test_query_awareness(hub: Hub) -> None:
     a = hub.connect(1)
     hub.connect(2)
@@ -538,12 +587,13 @@ async def test_run_document_round_trip(tmp_path: Path) -> None:
         received = [await parent.from_child_receive.receive() for _ in range(4)]
         assert received[0][:2] == (TO, 1)
         assert received[1][:2] == (TO, 2)
-        kind, exclude, payload = received[2]
+        assert received[2] == (KICK, 2, kick_payload(1003, "unknown message type 99"))
+        # A batch's updates are broadcast last, merged per sender.
+        kind, exclude, payload = received[3]
         assert (kind, exclude) == (ALL, 1)
         b = Client(2)
         b.handle(payload)
         assert str(b.text) == "hello"
-        assert received[3] == (KICK, 2, kick_payload(1003, "unknown message type 99"))
         # The update reached the journal before it was broadcast.
         assert (tmp_path / "notes.journal").stat().st_size > 0
 
