@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, Protocol
 
@@ -60,6 +60,7 @@ from .protocol import (
     encode_for_master,
     kick_payload,
 )
+from .settings import BATCH_BYTES
 
 __all__ = [
     "CLOSE_DOCUMENT_UNAVAILABLE",
@@ -764,6 +765,19 @@ def _process_batch(
     return batch.finish()
 
 
+def _batches(records: list[Record]) -> Iterator[bytes]:
+    """*records* as batches of at most :data:`BATCH_BYTES` of payloads (a larger
+    record alone), so that every batch fits on the link."""
+    start = size = 0
+    for index, (_, _, payload) in enumerate(records):
+        if size and size + len(payload) > BATCH_BYTES:
+            yield encode_for_master(records[start:index])
+            start, size = index, 0
+        size += len(payload)
+    if start < len(records):
+        yield encode_for_master(records[start:])
+
+
 def _receive_records(first: object, parent: ParentChannel, name: str) -> list[Record]:
     """The records of *first* and of every batch already queued behind it."""
     batches = [first]
@@ -936,8 +950,8 @@ async def _serve(parent: ParentChannel, kernel: DocumentKernel, journal: Journal
                 journal.append(durable)
             consistent = True
 
-            if outgoing:
-                await parent.send(encode_for_master(outgoing))
+            for batch in _batches(outgoing):
+                await parent.send(batch)
 
             if journal.size >= COMPACT_AFTER_BYTES:
                 consistent = False

@@ -37,7 +37,7 @@ Close codes a client can see:
 1000  normal close
 1001  the server is shutting down
 1003  the client sent a text frame, or bytes that are not y-websocket
-1009  a message over ``--max-message-size``
+4413  a message over ``--max-message-size`` (the page does not reconnect)
 1011  the document's process died (reconnecting restores the document)
 1012  the document's process was stopped while clients were connected
 1013  try again later: too many clients, a client too slow to keep up, or
@@ -82,7 +82,7 @@ from examples.collab.clients import (
 )
 from examples.collab.kit import open_message, serve_pooled_document
 from examples.collab.protocol import JOIN, LEAVE, RESYNC, Record, encode_for_child
-from examples.collab.settings import Settings, parse_args
+from examples.collab.settings import BATCH_BYTES, Settings, parse_args
 from examples.collab.static_files import StaticFiles
 
 __all__ = ["CollabServer", "Settings", "main", "serve"]
@@ -94,7 +94,8 @@ log = logging.getLogger("collab")
 class BatchSource:
     """A document's queue of client records as a :func:`nursery_procs.forward`
     source: everything queued at once goes to the child as one batch (one link
-    message). The first value is *first* (the message that names the document)."""
+    message), up to :data:`~examples.collab.settings.BATCH_BYTES` of payloads. The
+    first value is *first* (the message that names the document)."""
 
     queue: trio.MemoryReceiveChannel[Record]
     first: object | None = None
@@ -105,12 +106,16 @@ class BatchSource:
             first, self.first = self.first, None
             await trio.lowlevel.checkpoint()
             return first
-        records = [await self.queue.receive()]
-        while len(records) < self.max_records:
+        first = await self.queue.receive()
+        records = [first]
+        size = len(first[2])
+        while len(records) < self.max_records and size < BATCH_BYTES:
             try:
-                records.append(self.queue.receive_nowait())
+                record = self.queue.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+            records.append(record)
+            size += len(record[2])
         return encode_for_child(records)
 
 
@@ -318,7 +323,7 @@ class CollabServer:
             await doc.inbound.send((JOIN, client.id, b""))
             source = ClientSource(client.socket)
             ended = await nursery_procs.forward(source, doc.inbound, transform=client.tag)
-        except WebSocketError as exc:  # a text frame (1003), too big (1009), malformed
+        except WebSocketError as exc:  # a text frame (1003), too big (4413), malformed
             client.request_close(exc.code, exc.reason)
         except trio.BrokenResourceError:  # the child went before the join
             client.request_close(CLOSE_DOCUMENT_DIED, REASON_DIED)

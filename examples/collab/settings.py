@@ -8,7 +8,11 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["STATIC_DIR", "Settings", "parse_args"]
+__all__ = ["BATCH_BYTES", "STATIC_DIR", "Settings", "parse_args"]
+
+#: A batch between the master and a document child is closed once its payloads pass
+#: this many bytes (one larger record travels alone).
+BATCH_BYTES = 4 * 1024 * 1024
 
 #: The page, its script and its style sheet.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -34,8 +38,9 @@ class Settings:
     max_docs: int = 100
     #: Seconds a new client may wait for its document's child.
     start_timeout: float = 10.0
-    #: The largest WebSocket message accepted from a client.
-    max_message_size: int = 1024 * 1024
+    #: The largest WebSocket message accepted from a client (a document, or an offline
+    #: state, of 16 MiB syncs with room to spare).
+    max_message_size: int = 32 * 1024 * 1024
     #: Messages waiting for one client before it counts as behind: they are dropped and
     #: it gets one message with the whole document instead (closed as too slow if it
     #: falls behind again before it has read that message).
@@ -76,9 +81,10 @@ class Settings:
 
     @property
     def link_message_size(self) -> int:
-        """The largest message on the link to a document child: a client's largest
-        message, wrapped, with room to spare."""
-        return max(64 * 1024 * 1024, 2 * self.max_message_size + 64 * 1024)
+        """The largest message on the link to a document child: a batch holds at most
+        one record over :data:`BATCH_BYTES`, so a client's largest message, or a whole
+        document of several times that, fits with room to spare."""
+        return max(256 * 1024 * 1024, 4 * self.max_message_size + BATCH_BYTES)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ from typing import Final
 import trio
 
 __all__ = [
+    "CLOSE_MESSAGE_TOO_BIG",
     "MAX_IOV",
     "ClientSocket",
     "WebSocketError",
@@ -46,7 +47,9 @@ CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_UNSUPPORTED_DATA: Final = 1003
 CLOSE_NO_STATUS: Final = 1005
 CLOSE_ABNORMAL: Final = 1006
-CLOSE_MESSAGE_TOO_BIG: Final = 1009
+#: For a message over the size limit: not 1009, on which y-websocket clients reconnect
+#: and send the same message again, for ever; in 4400-4499 they stop.
+CLOSE_MESSAGE_TOO_BIG: Final = 4413
 
 REASON_TEXT: Final = "text frames are not supported: send binary y-websocket messages"
 
@@ -128,7 +131,8 @@ class ClientSocket:
     Args:
         stream: the connection, past the opening handshake.
         max_message_size: the largest message accepted (a bigger one is a
-            :class:`WebSocketError` with 1009).
+            :class:`WebSocketError` with :data:`CLOSE_MESSAGE_TOO_BIG`, found from
+            the frame's header before its payload is read).
         initial: bytes already read from *stream* past the handshake.
     """
 
@@ -268,7 +272,7 @@ class ClientSocket:
             trio.EndOfChannel: the client closed the connection (:attr:`peer_close`
                 says how: its code, or 1006 if the stream ended without a close frame).
             WebSocketError: the client broke the protocol, sent a text message (1003)
-                or one over ``max_message_size`` (1009); close it with that code.
+                or one over ``max_message_size`` (4413); close it with that code.
 
         **Cancellation:** safe: a partly received message stays buffered.
         """
@@ -381,7 +385,7 @@ class ClientSocket:
         elif self._fragment_size + length > self.max_message_size:
             raise WebSocketError(
                 CLOSE_MESSAGE_TOO_BIG,
-                f"Exceeded maximum message size: {self.max_message_size} bytes",
+                f"message too big: the limit is {self.max_message_size} bytes",
             )
         end = offset + 4 + length
         if len(buf) < end:
