@@ -185,25 +185,50 @@ async def _answer_requests(
         conn.start_next_cycle()
 
 
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
+async def _next_event(conn: h11.Connection, stream: trio.SocketStream, fed: list[int]) -> object:
+    """The next h11 event, reading as needed; *fed* counts the bytes given to h11."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
         data = await stream.receive_some(RECEIVE_SIZE)
+        fed[0] += len(data)
         conn.receive_data(data)
+
+
+async def _read_head(stream: trio.SocketStream, conn: h11.Connection) -> object:
+    """The next request's head, checked against :data:`MAX_HEAD_BYTES` however its
+    bytes arrived.
+
+    h11's own limit (``max_incomplete_event_size``) applies only while a head is
+    incomplete, so a head that arrives whole in one read would pass it: the size is
+    measured here too, as the bytes h11 consumed to produce the request.
+
+    Raises:
+        h11.RemoteProtocolError: the head is too large (431).
+    """
+    fed = [len(conn.trailing_data[0])]  # what the previous request left unread
+    event = await _next_event(conn, stream, fed)
+    if isinstance(event, h11.Request):
+        head = fed[0] - len(conn.trailing_data[0])
+        if head > MAX_HEAD_BYTES:
+            raise h11.RemoteProtocolError(
+                f"request head of {head} bytes is over {MAX_HEAD_BYTES}", error_status_hint=431
+            )
+    return event
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
     """The next complete request (its body read and dropped), or ``None`` if the
     connection closed or the request was refused (and answered)."""
     try:
-        request = await _next_event(conn, stream)
+        request = await _read_head(stream, conn)
         if not isinstance(request, h11.Request):
             return None  # closed between requests
         body = 0
+        fed = [0]
         while True:
-            event = await _next_event(conn, stream)
+            event = await _next_event(conn, stream, fed)
             if isinstance(event, h11.EndOfMessage):
                 return request
             if isinstance(event, h11.ConnectionClosed):
@@ -214,8 +239,10 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.
                     await _send_simple(stream, conn, 413, "request body too large")
                     return None
     except h11.RemoteProtocolError as exc:
+        status = exc.error_status_hint
+        text = "request head too large" if status == 431 else "bad request"
         with contextlib.suppress(h11.LocalProtocolError):
-            await _send_simple(stream, conn, exc.error_status_hint, "bad request")
+            await _send_simple(stream, conn, status, text, close=True)
         return None
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import pytest
 import trio
+
+from examples.collab.front import MAX_HEAD_BYTES
 
 from .servers import REPO, TIMEOUT, check_works, http_get, running
 
@@ -64,4 +68,40 @@ async def test_http(tmp_path: Path) -> None:
                 while chunk := await stream.receive_some():
                     data += chunk
                 assert data.startswith(b"HTTP/1.1 400 ")
+            await check_works(server)
+
+
+async def send_head(port: int, pad: int, piece: int | None) -> int:
+    """Send a GET whose head is padded to about *pad* bytes, in one write or in pieces of
+    *piece* bytes; return the response's status."""
+    request = (
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Pad: {'a' * pad}\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            if piece is None:
+                await stream.send_all(request)
+            else:
+                for start in range(0, len(request), piece):
+                    await stream.send_all(request[start : start + piece])
+        data = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some():
+                data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("piece", [None, 1000, 7])
+async def test_the_head_limit_holds_however_the_bytes_arrive(
+    tmp_path: Path, piece: int | None
+) -> None:
+    async with running(tmp_path) as server:
+        with trio.fail_after(TIMEOUT):
+            for size in (17_000, 24_000, 40_000, 65_000):
+                if piece == 7 and size > 17_000:
+                    continue  # byte by byte is slow: one size is enough
+                assert await send_head(server.port, size, piece) == 431, (size, piece)
+            # Just under the limit is fine, whole or in pieces.
+            assert await send_head(server.port, MAX_HEAD_BYTES - 200, piece) == 200
             await check_works(server)
