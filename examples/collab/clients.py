@@ -265,6 +265,10 @@ class Clients:
     on_change: Callable[[], None]
     #: Set by :meth:`stop`: new clients are refused.
     stopping: bool = False
+    #: Clients closed so far, by close code.
+    closes: Counter[int] = attrs.Factory(Counter)
+    #: Times a client fell behind and was caught up, over all clients so far.
+    caught_up: int = 0
     _all: dict[int, Client] = attrs.Factory(dict)
     _per_document: Counter[str] = attrs.Factory(Counter)
     _ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
@@ -312,6 +316,8 @@ class Clients:
             yield client
         finally:
             del self._all[client.id]
+            self.closes[client.close_code or 1006] += 1
+            self.caught_up += client.resyncs
             if client.admitted and client.name is not None:
                 self._per_document[client.name] -= 1
                 if not self._per_document[client.name]:

@@ -81,6 +81,7 @@ from examples.collab.clients import (
     WebSocketError,
 )
 from examples.collab.kit import open_message, serve_pooled_document
+from examples.collab.metrics import CollabCollector
 from examples.collab.protocol import JOIN, LEAVE, RESYNC, Record, encode_for_child
 from examples.collab.settings import BATCH_BYTES, Settings, parse_args
 from examples.collab.static_files import StaticFiles
@@ -270,7 +271,10 @@ class CollabServer:
         if self.settings.control is None:
             yield
             return
-        async with nursery_procs.open_control(supervisor, self.settings.control) as path:
+        collectors = [CollabCollector(self)]
+        async with nursery_procs.open_control(
+            supervisor, self.settings.control, collectors=collectors
+        ) as path:
             log.info("control socket at %s", path)
             yield
 
