@@ -119,6 +119,8 @@ class Edits:
         self.sent: dict[int, tuple[int, float, int]] = {}
         self.received: dict[int, int] = {}
         self.latencies: list[float] = []
+        #: Latencies seen by the clients of documents other than ``bench-0``.
+        self.latencies_elsewhere: list[float] = []
         self.measuring = False
         self.pending = 0
         self.all_delivered = trio.Event()
@@ -132,12 +134,14 @@ class Edits:
             self.pending += 1
         return f"<{base36(edit)}>"
 
-    def arrived(self, receiver: int, token_id: str, now: float) -> None:
+    def arrived(self, receiver: int, token_id: str, now: float, *, elsewhere: bool) -> None:
         edit = int(token_id, 36)
         entry = self.sent.get(edit)
         if entry is None or entry[0] == receiver:
             return
         self.latencies.append(now - entry[1])
+        if elsewhere:
+            self.latencies_elsewhere.append(now - entry[1])
         self.received[edit] += 1
         if self.received[edit] == entry[2]:
             self.pending -= 1
@@ -157,6 +161,8 @@ class BenchClient:
         self.synced = trio.Event()
         self.ws: trio_websocket.WebSocketConnection | None = None
         self.close_code: int | None = None
+        #: A client of a document other than the flooded one (``bench-0``).
+        self.elsewhere = not url.endswith("/bench-0")
 
     def _on_change(self, event: TextEvent) -> None:
         now = time.perf_counter()
@@ -164,7 +170,7 @@ class BenchClient:
             inserted = op.get("insert")
             if isinstance(inserted, str):
                 for token_id in TOKEN.findall(inserted):
-                    self.edits.arrived(self.index, token_id, now)
+                    self.edits.arrived(self.index, token_id, now, elsewhere=self.elsewhere)
 
     async def run(self, stop: trio.Event) -> None:
         """Connect (retrying while the server says 1013), sync, serve until *stop*."""
@@ -217,6 +223,33 @@ class BenchClient:
             self.close_code = exc.reason.code if exc.reason else None
             scope.cancel()  # closed by the server (or by us, at the end)
 
+    async def flood(self, count: int) -> dict[str, Any]:
+        """Send *count* one-character updates as fast as the server takes them (they
+        carry no edit token: they are not measured, only what they do to the others)."""
+        ws = self.ws
+        assert ws is not None
+        doc: Doc[Any] = Doc()
+        text = doc.get("text", type=Text)
+        messages = []
+        for i in range(count):
+            before = doc.get_state()
+            text += "abcdefghij"[i % 10]
+            messages.append(create_update_message(doc.get_update(before)))
+        sent = 0
+        code = None
+        started = time.perf_counter()
+        try:
+            for message in messages:
+                await ws.send_message(message)
+                sent += 1
+        except trio_websocket.ConnectionClosed as exc:
+            code = exc.reason.code if exc.reason else None
+        return {
+            "flood_sent": sent,
+            "flood_seconds": time.perf_counter() - started,
+            "flood_close_code": code,
+        }
+
     async def edit_until(self, deadline: float, rate: float) -> None:
         ws = self.ws
         assert ws is not None
@@ -266,13 +299,18 @@ async def worker(config: dict[str, Any]) -> None:
         for _ in range(count):
             clients.append(BenchClient(index, url, count - 1, edits))
             index += 1
+    flooder = None
+    if config.get("flood") and config["docs"] and config["docs"][0][0] == "bench-0":
+        url = f"ws://{HOST}:{config['port']}/doc/bench-0"
+        flooder = BenchClient(-1, url, 0, Edits())  # its own Edits: never measured
     stop = trio.Event()
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    flood_report: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
-        for client in clients:
+        for client in [*clients, *([flooder] if flooder else [])]:
             nursery.start_soon(client.run, stop)
         with trio.fail_after(config["connect_timeout"]):
-            for client in clients:
+            for client in [*clients, *([flooder] if flooder else [])]:
                 await client.synced.wait()
         print("ready", flush=True)
         await stdin.receive_some()  # "go"
@@ -280,6 +318,12 @@ async def worker(config: dict[str, Any]) -> None:
         deadline = started + config["seconds"]
         edits.measuring = True
         async with trio.open_nursery() as editors:
+            if flooder is not None:
+
+                async def flood() -> None:
+                    flood_report.update(await flooder.flood(config["flood"]))
+
+                editors.start_soon(flood)
             for client in clients:
                 editors.start_soon(client.edit_until, deadline, config["rate"])
         await trio.sleep_until(deadline)
@@ -288,6 +332,7 @@ async def worker(config: dict[str, Any]) -> None:
             edits.all_delivered.set()
         with trio.move_on_after(config["drain"]):
             await edits.all_delivered.wait()
+        disconnected = sum(1 for client in clients if client.close_code is not None)
         stop.set()
     await stdin.aclose()
     delivered = sum(
@@ -299,6 +344,9 @@ async def worker(config: dict[str, Any]) -> None:
         "delivered": delivered,
         "deliveries": len(edits.latencies),
         "latencies_ms": [round(value * 1e3, 3) for value in edits.latencies],
+        "latencies_elsewhere_ms": [round(v * 1e3, 3) for v in edits.latencies_elsewhere],
+        "disconnected": disconnected,
+        **flood_report,
     }
     print(json.dumps(result), flush=True)
 
@@ -570,6 +618,7 @@ async def _drive(  # noqa: C901 - one load loop: connect, edit, measure, report
                 "seconds": options.seconds,
                 "drain": 5.0,
                 "connect_timeout": 120.0,
+                "flood": options.flood,
             }
             processes.append(
                 await trio.lowlevel.open_process(
@@ -621,6 +670,8 @@ async def _drive(  # noqa: C901 - one load loop: connect, edit, measure, report
                     if pipe is not None:
                         await pipe.aclose()
     latencies = sorted(value for result in results for value in result["latencies_ms"])
+    elsewhere = sorted(v for result in results for v in result["latencies_elsewhere_ms"])
+    flood: dict[str, Any] = next((r for r in results if "flood_sent" in r), {})
     sent = sum(result["sent"] for result in results)
     delivered = sum(result["delivered"] for result in results)
     return {
@@ -642,10 +693,15 @@ async def _drive(  # noqa: C901 - one load loop: connect, edit, measure, report
         "server_cpu_share": (master_cpu + children_cpu) / wall,
         "server_main_process_cpu_share": master_cpu / wall,
         "server_children_cpu_share": children_cpu / wall,
+        "p99_elsewhere_ms": percentile(elsewhere, 0.99),
+        "clients_disconnected": sum(result["disconnected"] for result in results),
+        "flood_sent": flood.get("flood_sent", 0),
+        "flood_seconds": flood.get("flood_seconds", math.nan),
+        "flood_close_code": flood.get("flood_close_code"),
     }
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]], *, flood: bool = False) -> None:
     columns = [
         ("server", "server", "{}"),
         ("clients", "clients", "{}"),
@@ -659,6 +715,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ("server CPU", "server_cpu_share", "{:.0%}"),
         ("(main process)", "server_main_process_cpu_share", "{:.0%}"),
     ]
+    if flood:
+        columns += [
+            ("p99 elsewhere", "p99_elsewhere_ms", "{:.2f}"),
+            ("disconnected", "clients_disconnected", "{}"),
+            ("flood sent", "flood_sent", "{}"),
+            ("flooder closed", "flood_close_code", "{}"),
+        ]
     cells = [[title for title, _, _ in columns]]
     for row in rows:
         cells.append([fmt.format(row[key]) for _, key, fmt in columns])
@@ -681,8 +744,9 @@ def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = [run for run in runs if run["server"] == kind]
         row: dict[str, Any] = {"server": kind, "runs": len(mine)}
         for key, value in mine[0].items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                row[key] = statistics.median(run[key] for run in mine)
+            values = [run.get(key) for run in mine]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                row[key] = statistics.median(values)  # type: ignore[type-var]
             else:
                 row.setdefault(key, value)
         rows.append(row)
@@ -713,7 +777,7 @@ async def main(options: argparse.Namespace) -> dict[str, Any]:
     print()
     if options.repeat > 1:
         print(f"medians of {options.repeat} runs:")
-    print_table(rows)
+    print_table(rows, flood=bool(options.flood))
     return {"runs": runs, "medians": rows}
 
 
@@ -748,6 +812,14 @@ if __name__ == "__main__":
         help="also run the collab server from another checkout TREE, reported as NAME",
     )
     parser.add_argument("--repeat", type=int, default=1, help="run the whole set N times")
+    parser.add_argument(
+        "--flood",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one more client of bench-0 sends N tiny updates as fast as it can when the "
+        "load starts; 'p99 elsewhere' is the delay seen on the other documents",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
