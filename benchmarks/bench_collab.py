@@ -223,18 +223,11 @@ class BenchClient:
             self.close_code = exc.reason.code if exc.reason else None
             scope.cancel()  # closed by the server (or by us, at the end)
 
-    async def flood(self, count: int) -> dict[str, Any]:
-        """Send *count* one-character updates as fast as the server takes them (they
-        carry no edit token: they are not measured, only what they do to the others)."""
+    async def flood(self, messages: list[bytes]) -> dict[str, Any]:
+        """Send *messages* as fast as the server takes them (they carry no edit token:
+        they are not measured, only what they do to the others)."""
         ws = self.ws
         assert ws is not None
-        doc: Doc[Any] = Doc()
-        text = doc.get("text", type=Text)
-        messages = []
-        for i in range(count):
-            before = doc.get_state()
-            text += "abcdefghij"[i % 10]
-            messages.append(create_update_message(doc.get_update(before)))
         sent = 0
         code = None
         started = time.perf_counter()
@@ -257,9 +250,12 @@ class BenchClient:
         next_at = trio.current_time() + random.uniform(0, period)
         while next_at < deadline:
             await trio.sleep_until(next_at)
+            if self.close_code is not None:
+                return  # disconnected by the server: counted, not fatal
             before = self.doc.get_state()
             self.text += self.edits.new(self.index, self.peers)
-            await ws.send_message(create_update_message(self.doc.get_update(before)))
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                await ws.send_message(create_update_message(self.doc.get_update(before)))
             next_at += period
 
 
@@ -288,6 +284,18 @@ def _read_var_bytes(message: bytes, pos: int) -> bytes:
     return message[pos : pos + length]
 
 
+def tiny_updates(count: int) -> list[bytes]:
+    """*count* one-character edits, each as a y-websocket update message."""
+    doc: Doc[Any] = Doc()
+    text = doc.get("text", type=Text)
+    messages = []
+    for i in range(count):
+        before = doc.get_state()
+        text += "abcdefghij"[i % 10]
+        messages.append(create_update_message(doc.get_update(before)))
+    return messages
+
+
 async def worker(config: dict[str, Any]) -> None:
     """One client process: connect every client, say ``ready``, wait for ``go`` on stdin,
     edit for the run's length, drain, and print the results as one JSON line."""
@@ -300,9 +308,10 @@ async def worker(config: dict[str, Any]) -> None:
             clients.append(BenchClient(index, url, count - 1, edits))
             index += 1
     flooder = None
-    if config.get("flood") and config["docs"] and config["docs"][0][0] == "bench-0":
+    if config.get("flood"):  # a worker of its own, so that its work delays no one's clock
         url = f"ws://{HOST}:{config['port']}/doc/bench-0"
         flooder = BenchClient(-1, url, 0, Edits())  # its own Edits: never measured
+        flood_messages = tiny_updates(config["flood"])
     stop = trio.Event()
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     flood_report: dict[str, Any] = {}
@@ -321,7 +330,7 @@ async def worker(config: dict[str, Any]) -> None:
             if flooder is not None:
 
                 async def flood() -> None:
-                    flood_report.update(await flooder.flood(config["flood"]))
+                    flood_report.update(await flooder.flood(flood_messages))
 
                 editors.start_soon(flood)
             for client in clients:
@@ -608,9 +617,13 @@ async def _drive(  # noqa: C901 - one load loop: connect, edit, measure, report
     for i, (name, count) in enumerate(zip(names, per_doc, strict=True)):
         plans[i % workers].append((name, count))
     processes: list[trio.Process] = []
+    floods = [0] * len(plans)
+    if options.flood:  # the flooder runs in a worker of its own
+        plans.append([])
+        floods.append(options.flood)
     outputs: list[bytearray] = [bytearray() for _ in plans]
     try:
-        for plan in plans:
+        for plan, flood_count in zip(plans, floods, strict=True):
             config = {
                 "port": port,
                 "docs": plan,
@@ -618,7 +631,7 @@ async def _drive(  # noqa: C901 - one load loop: connect, edit, measure, report
                 "seconds": options.seconds,
                 "drain": 5.0,
                 "connect_timeout": 120.0,
-                "flood": options.flood,
+                "flood": flood_count,
             }
             processes.append(
                 await trio.lowlevel.open_process(
