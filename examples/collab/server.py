@@ -13,11 +13,11 @@ What it shows of nursery_procs:
   ``--linger`` seconds. A pooled child starts blank; the first message it gets names
   its document (:mod:`examples.collab.kit`).
 * **Pumps that end quietly.** Bytes move between clients and children with
-  :func:`nursery_procs.forward`: each client's frames, tagged with its id, into its
-  document's queue; the queue into the child; the child's answers out to the clients
-  it names (a fan-out); each client's queue into its socket. When either side of a
-  pump has gone, the pump just ends, and the code around it says what that means for
-  the client (the close codes below).
+  :func:`nursery_procs.forward`: each client's messages, tagged with its id, into its
+  document's queue; the queue into the child, everything waiting as one batch; the
+  child's batches out to the clients they name, each broadcast framed once for all
+  of them. When either side of a pump has gone, the pump just ends, and the code
+  around it says what that means for the client (the close codes below).
 * **Crashes that do not spread.** A document child that dies takes only its own
   clients with it (1011); the next connection gets a fresh child, which restores the
   document from its journal.
@@ -28,8 +28,10 @@ What it shows of nursery_procs:
   gracefully (each saves its document) and the supervisor reaps them.
 
 The master never decodes what clients send. The page and its files, the HTTP front,
-and the clients' queues and limits are in :mod:`~examples.collab.static_files`,
-:mod:`~examples.collab.front` and :mod:`~examples.collab.clients`.
+the clients and their limits, the WebSocket framing and the batches to and from the
+children are in :mod:`~examples.collab.static_files`, :mod:`~examples.collab.front`,
+:mod:`~examples.collab.clients`, :mod:`~examples.collab.websocket` and
+:mod:`~examples.collab.protocol`.
 
 Close codes a client can see:
 
@@ -37,12 +39,14 @@ Close codes a client can see:
 1000  normal close
 1001  the server is shutting down
 1003  the client sent a text frame, or bytes that are not y-websocket
-4413  a message over ``--max-message-size`` (the page does not reconnect)
+1008  the client is over its rate limit or publishes too many awareness states
 1011  the document's process died (reconnecting restores the document)
 1012  the document's process was stopped while clients were connected
-1013  try again later: too many clients, a client too slow to keep up, or
-      no document process could be had within ``--start-timeout``
+1013  try again later: too many clients, a client that does not read what it
+      is sent, or no document process could be had within ``--start-timeout``
 4400  invalid document name (the page does not reconnect)
+4413  a message over ``--max-message-size`` (the page does not reconnect)
+4422  the document's storage cannot be opened (the page does not reconnect)
 ====  ===================================================================
 """
 
