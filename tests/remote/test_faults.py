@@ -200,7 +200,7 @@ async def test_a_stuck_remote_child_is_signalled_through_the_connection(
     policy = Policy(grace_period=0.5, kill_after=5.0)
     async with nursery_procs.open_supervisor(policy=policy) as sup:
         ctx = await sup.start_child(targets.block_the_loop, name="stuck", via=sshd.via())
-        remote = ctx._lineage().current.process
+        remote = ctx._owned().life.process
         remote_pid = remote.remote_pid  # type: ignore[union-attr]
         with trio.fail_after(20):
             await ctx.aclose()
@@ -212,7 +212,7 @@ async def test_a_remote_child_that_ignores_sigterm_is_killed(sshd: SSHServer) ->
     policy = Policy(grace_period=0.3, kill_after=0.5)
     async with nursery_procs.open_supervisor(policy=policy) as sup:
         ctx = await sup.start_child(targets.ignore_sigterm_and_block, name="deaf", via=sshd.via())
-        remote = ctx._lineage().current.process
+        remote = ctx._owned().life.process
         remote_pid = remote.remote_pid  # type: ignore[union-attr]
         with trio.fail_after(20):
             await ctx.aclose()

@@ -28,7 +28,7 @@ async def main(settings: dict[str, object]) -> None:
         grandchild = nursery_procs.context_by_id(await middle.receive())
         pids = [(await ctx.call(targets.where))["pid"] for ctx in (middle, grandchild)]
         stuck = await sup.start_child(targets.block_the_loop, name="stuck", via=via)
-        pids.append(stuck._lineage().current.process.remote_pid)  # type: ignore[union-attr]
+        pids.append(stuck._owned().life.process.remote_pid)  # type: ignore[union-attr]
         print("ready", *pids, flush=True)
         await trio.sleep_forever()
 
