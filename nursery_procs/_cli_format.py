@@ -33,10 +33,26 @@ def _size(value: int | None) -> str:
     return f"{amount:.1f} GiB"  # pragma: no cover - the loop always returns
 
 
+def _describe_isolation(in_force: dict[str, Any]) -> str:
+    words = []
+    for name, value in in_force.items():
+        if value is True:
+            words.append(name)
+        elif name == "address_space":
+            words.append(f"{name} {_size(value)}")
+        elif isinstance(value, list | tuple):
+            words.append(f"{name} {' '.join(value)}")
+        else:
+            words.append(f"{name} {value}")
+    return ", ".join(words)
+
+
 def _describe_context(node: dict[str, Any]) -> str:
     parts = [f"id {node.get('id')}", f"pid {node.get('pid')}", str(node.get("state"))]
     if node.get("session") is not None:
         parts.append(f"session {node['session']!r}")
+    if node.get("isolation"):
+        parts.append(f"isolated: {_describe_isolation(node['isolation'])}")
     if node.get("uptime") is not None:
         parts.append(f"up {_duration(node['uptime'])}")
     if node.get("rss_bytes") is not None:

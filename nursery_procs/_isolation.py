@@ -125,6 +125,16 @@ class Isolation:
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
+    def in_force(self) -> dict[str, Any]:
+        """Only what confines: the options that differ from the default, without
+        ``allow_fallback`` (``{}`` for an unconfined child)."""
+        unconfined = Isolation()
+        return {
+            name: value
+            for name, value in self.to_json().items()
+            if name != "allow_fallback" and value != getattr(unconfined, name)
+        }
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Isolation:
         return cls(**data)

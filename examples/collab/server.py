@@ -94,6 +94,9 @@ __all__ = ["CollabServer", "Settings", "main", "serve"]
 
 log = logging.getLogger("collab")
 
+#: What the fork server imports before it forks a document child.
+PRELOAD = ("pycrdt", "examples.collab.kit")
+
 
 @attrs.define(eq=False)
 class BatchSource:
@@ -249,7 +252,9 @@ class CollabServer:
         settings = self.settings
         await trio.Path(self._data_dir).mkdir(parents=True, exist_ok=True)
         policy = nursery_procs.Policy(max_message_size=settings.link_message_size)
-        async with nursery_procs.open_supervisor(policy=policy) as supervisor:
+        # Document children fork from a server that has already imported pycrdt and
+        # the document code, so a new document costs a fork, not an interpreter.
+        async with nursery_procs.open_supervisor(policy=policy, preload=PRELOAD) as supervisor:
             self.supervisor = supervisor
             async with (
                 trio.open_nursery() as self._document_tasks,
@@ -263,6 +268,7 @@ class CollabServer:
                     # A document child parses bytes from browsers: nothing it sends
                     # is unpickled here, and its messages are checked on arrival.
                     trusted=False,
+                    isolation=settings.isolation,
                 ) as self.pool,
                 self._open_control(supervisor),
             ):
@@ -389,8 +395,24 @@ async def serve(
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    trio.run(functools.partial(serve, settings, handle_signals=True))
-    return 0
+    refused: list[OSError] = []
+    try:
+        trio.run(functools.partial(serve, settings, handle_signals=True))
+    except* OSError as group:
+        # The port is taken, the data folder or control socket path is refused:
+        # say what, without a traceback.
+        refused = _leaves(group)
+    for error in refused:
+        print(f"collab: {error}", file=sys.stderr)
+    return 1 if refused else 0
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    return [
+        leaf
+        for member in group.exceptions
+        for leaf in (_leaves(member) if isinstance(member, BaseExceptionGroup) else [member])
+    ]
 
 
 if __name__ == "__main__":

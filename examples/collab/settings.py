@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import attrs
+
+import nursery_procs
 
 __all__ = ["BATCH_BYTES", "STATIC_DIR", "Settings", "parse_args"]
 
@@ -62,6 +65,13 @@ class Settings:
     shutdown_timeout: float = 5.0
     #: A Unix socket path for the supervisor's control API, if wanted.
     control: Path | None = None
+    #: Confine document children (see :attr:`isolation`): no network, no new
+    #: privileges, and at most :attr:`memory_limit` bytes of address space each.
+    isolate: bool = True
+    #: Address space (bytes) a document child may map when :attr:`isolate` is on
+    #: (0: no limit). An idle child maps about 200 MiB; the rest is room for the
+    #: largest documents (a 32 MiB message and its decoded state).
+    memory_limit: int = 2 * 1024**3
     static_dir: Path = STATIC_DIR
 
     def __attrs_post_init__(self) -> None:
@@ -72,12 +82,31 @@ class Settings:
             raise ValueError("spare must be between 0 and max_docs")
         if self.max_messages_per_second < 0 or self.message_burst < 1:
             raise ValueError("max_messages_per_second must be >= 0 and message_burst >= 1")
+        if self.memory_limit < 0:
+            raise ValueError("memory_limit must be >= 0")
         if self.max_message_size < 1024:
             raise ValueError("max_message_size must be >= 1024")
         for name in ("linger", "start_timeout", "http_timeout", "handshake_timeout"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0")
+
+    @property
+    def isolation(self) -> nursery_procs.Isolation | None:
+        """How document children are confined: they parse bytes from browsers, so
+        they get no network (an empty network namespace, inside a user namespace
+        when the server is not root), ``no_new_privs`` and a memory limit. Where the
+        kernel refuses a namespace (a container without the right), a child starts
+        without it; ``nursery-procs tree`` and the statistics show what is in force."""
+        if not self.isolate:
+            return None
+        return nursery_procs.Isolation(
+            network=True,
+            user=os.geteuid() != 0,
+            no_new_privs=True,
+            address_space=self.memory_limit or None,
+            allow_fallback=True,
+        )
 
     @property
     def link_message_size(self) -> int:
@@ -133,8 +162,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--message-burst", type=int, default=defaults.message_burst)
     add("--control", type=Path, default=None, help="serve the control API on this Unix socket")
+    add(
+        "--no-isolation",
+        dest="isolate",
+        action="store_false",
+        help="run document processes unconfined (network, no memory limit)",
+    )
+    add(
+        "--memory-limit",
+        type=_mebibytes,
+        default=defaults.memory_limit,
+        metavar="MIB",
+        help="address space per document process, in MiB (0: no limit)",
+    )
     add("--log-level", default="INFO")
     return parser
+
+
+def _mebibytes(text: str) -> int:
+    return int(text) * 1024 * 1024
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from examples.collab.clients import CLOSE_GOING_AWAY, REASON_SHUTDOWN
 from examples.collab.server import CollabServer, Settings, serve
 
 from .servers import (
+    REPO,
     TIMEOUT,
     closed_with,
     open_raw_websocket,
@@ -100,3 +102,30 @@ async def test_control_socket(tmp_path: Path) -> None:
             assert data.startswith(b"HTTP/1.1 200 ")
             assert b'"collab"' in data  # the server's pool of document children
         assert not path.exists()
+
+
+@pytest.mark.parametrize("refused", ["port", "control"])
+async def test_a_refused_start_is_one_line_and_exit_status_1(tmp_path: Path, refused: str) -> None:
+    taken = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = taken[0].socket.getsockname()[1]
+    args = ["--port", str(port)] if refused == "port" else ["--port", "0"]
+    if refused == "control":
+        args += ["--control", str(tmp_path / "control.sock")]  # pytest's tmp_path is 0700
+        await trio.Path(tmp_path).chmod(0o777)
+    try:
+        with trio.fail_after(TIMEOUT):
+            done = await trio.run_process(
+                [sys.executable, "-m", "examples.collab", "--data-dir", str(tmp_path), *args],
+                cwd=REPO,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        for listener in taken:
+            await listener.aclose()
+    refusal = [line for line in done.stderr.decode().splitlines() if line.startswith("collab: ")]
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr.decode()
+    expected = "address already in use" if refused == "port" else "other users can write to it"
+    assert len(refusal) == 1 and expected in refusal[0].lower(), done.stderr.decode()

@@ -3,12 +3,15 @@ unpickled, and what they send is checked before the master acts on it."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import trio
 
+import nursery_procs
 from examples.collab.protocol import (
     ALL,
     KICK,
@@ -72,3 +75,47 @@ def test_child_batches_are_checked_whole() -> None:
     assert code == 4422 and len(reason.encode()) <= 123
     with pytest.raises(BatchError):
         decode_from_child(batch, max_payload=0)
+
+
+async def _confinement(server_port: int, ctx: nursery_procs.Context) -> tuple[str, int | None, str]:
+    """What a document child sees when it reaches for the network, its address-space
+    limit and its ``NoNewPrivs`` flag (read from outside, in /proc)."""
+    reached = await ctx.call(hostile.connect, server_port)
+    limits = await trio.Path(f"/proc/{ctx.pid}/limits").read_text()
+    address_space = next(line for line in limits.splitlines() if "address space" in line)
+    status = await trio.Path(f"/proc/{ctx.pid}/status").read_text()
+    no_new_privs = next(line for line in status.splitlines() if line.startswith("NoNewPrivs"))
+    soft = address_space.split()[3]
+    return reached, None if soft == "unlimited" else int(soft), no_new_privs.split()[1]
+
+
+async def test_document_children_are_confined_by_default(tmp_path: Path) -> None:
+    async with running(tmp_path, memory_limit=1536 * 1024 * 1024) as server:
+        with trio.fail_after(TIMEOUT):
+            async with connect(ws_url(server, "walled"), user="Ann") as ann:
+                await ann.synced.wait()
+                ctx = server.documents()["walled"]
+                reached, address_space, no_new_privs = await _confinement(server.port, ctx)
+                in_force = ctx.statistics().isolation
+                await ann.append("still edits")
+                await ann.wait_until(lambda: "still edits" in ann.content())
+    assert reached == f"OSError: [Errno {errno.ENETUNREACH}] Network is unreachable"
+    assert address_space == 1536 * 1024 * 1024
+    assert no_new_privs == "1"
+    assert in_force is not None
+    assert in_force.in_force() == {
+        "address_space": 1536 * 1024 * 1024,
+        "no_new_privs": True,
+        "network": True,
+        **({"user": True} if os.geteuid() != 0 else {}),
+    }
+
+
+async def test_no_isolation_leaves_document_children_unconfined(tmp_path: Path) -> None:
+    async with running(tmp_path, isolate=False) as server:
+        with trio.fail_after(TIMEOUT):
+            async with connect(ws_url(server, "open"), user="Ann") as ann:
+                await ann.synced.wait()
+                ctx = server.documents()["open"]
+                reached, address_space, no_new_privs = await _confinement(server.port, ctx)
+    assert (reached, address_space, no_new_privs) == ("connected", None, "0")
