@@ -1,8 +1,9 @@
 """Many open documents: the collaborative server's memory, and how fast a document opens.
 
 Run: ``python benchmarks/bench_documents.py`` (``--quick``: 20 documents;
-``--docs N``: N documents; ``--server-arg=--start-method=exec`` (repeatable)
-passes options to the server).
+``--docs N``: N documents; ``--server-arg=--no-isolation`` (repeatable)
+passes options to the server; ``NURSERY_PROCS_START_METHOD=exec`` in the
+environment starts every child as a fresh interpreter instead).
 
 The real server (``python -m examples.collab``) runs in its own process with a
 fresh data folder. One small y-websocket client per document connects, sends
