@@ -364,7 +364,9 @@ class Runner:
             self.exited_total += 1
             if life.crashed:
                 self.crashed_total += 1
-                if not life.shutdown_sent or life.returncode not in (0, None):
+                if life.kill_requested:  # asked for (kill_on_cancel): no alarm
+                    run.logger.info("child %s", life.fault, extra=extra)
+                elif not life.shutdown_sent or life.returncode not in (0, None):
                     run.logger.warning(
                         "child exited: %s", describe_exit(life.returncode), extra=extra
                     )

@@ -33,7 +33,7 @@ import trio
 
 from . import _wire
 from ._context import _PARENT, parent_context
-from ._errors import LinkClosed, WireError
+from ._errors import HandshakeError, LinkClosed, WireError
 from ._forkserver import exercise_link, receive_assignment
 from ._isolation import PID1_SIGTERM_STATUS, Isolation, isolate
 from ._link import CLOSE_NORMAL, Link, connect_link
@@ -254,7 +254,14 @@ async def _run(fd: int) -> int:
 async def serve_stream(stream: trio.abc.Stream) -> int:
     """Be a child over *stream* (its link to the parent): read the bootstrap, run
     the target, and return the exit status once the link is closed."""
-    link = await connect_link(stream, resource="/nursery-procs/child")
+    try:
+        link = await connect_link(stream, resource="/nursery-procs/child")
+    except HandshakeError as exc:
+        # Most often the parent gave this start up (a closing pool, a cancelled
+        # start) and hung up: one line says so, no traceback.
+        print(f"nursery_procs child: no link to the parent: {exc}", file=sys.stderr)
+        await trio.aclose_forcefully(stream)
+        return 1
     try:
         first = _wire.unpack(await link.receive())
         if first.handle != Handle.BOOTSTRAP:

@@ -3,6 +3,7 @@ work, exceptions keep their type, sync functions do not stall the child."""
 
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
 
@@ -104,7 +105,10 @@ async def test_cancelling_a_sync_call_waits_for_it() -> None:
         assert ctx.state is State.READY
 
 
-async def test_kill_on_cancel_kills_the_child_at_once(tmp_path: Path) -> None:
+async def test_kill_on_cancel_kills_the_child_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nursery_procs.child")
     address = str(tmp_path / "started.sock")
     async with nursery_procs.open_supervisor() as sup:
         ctx = await sup.start_child(None, name="killed")
@@ -121,6 +125,9 @@ async def test_kill_on_cancel_kills_the_child_at_once(tmp_path: Path) -> None:
         assert trio.current_time() - start < 1.0
         assert await ctx.wait_exited() == -signal.SIGKILL
         assert sup.statistics().crashed_total == 1
+    # A kill asked for is said once, without alarm.
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.endswith(".killed")]
+    assert said == [("INFO", "child killed: a call was cancelled with kill_on_cancel")]
 
 
 async def test_kill_on_cancel_needs_an_owned_child() -> None:

@@ -211,3 +211,16 @@ async def test_101_not_upgrading_to_websocket_is_a_handshake_error(
     kind: str, answer: Callable[[trio.abc.Stream, str], Awaitable[None]]
 ) -> None:
     assert isinstance(await _connect_against(kind, answer), HandshakeError)
+
+
+async def test_a_child_whose_parent_hangs_up_in_the_handshake_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from nursery_procs._runtime import serve_stream
+
+    ours, theirs = trio.socket.socketpair()
+    theirs.close()  # the parent gave the start up before answering
+    assert await serve_stream(trio.SocketStream(ours)) == 1
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1
+    assert said[0].startswith("nursery_procs child: no link to the parent: stream broke")
