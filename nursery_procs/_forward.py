@@ -3,8 +3,8 @@ side goes away: the scope boundary where writes to a closed peer are swallowed."
 
 from __future__ import annotations
 
-import functools
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, Protocol
 
@@ -39,13 +39,13 @@ GONE: tuple[type[BaseException], ...] = (
 )
 
 
-@functools.cache
 def gone_errors() -> tuple[type[BaseException], ...]:
-    """:data:`GONE`, plus trio-websocket's ``ConnectionClosed`` (imported on first use,
-    so that importing nursery_procs does not import trio-websocket)."""
-    from trio_websocket import ConnectionClosed
-
-    return (*GONE, ConnectionClosed)
+    """:data:`GONE`, plus trio-websocket's ``ConnectionClosed`` once trio-websocket
+    is imported: until then no side can be one of its connections, and neither
+    nursery_procs nor a program that does not use it pays for importing it."""
+    module = sys.modules.get("trio_websocket")
+    closed = getattr(module, "ConnectionClosed", None)
+    return GONE if closed is None else (*GONE, closed)
 
 
 @attrs.frozen
