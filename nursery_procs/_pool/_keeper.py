@@ -146,8 +146,8 @@ class SlotKeeper:
 
     # -- changing state --------------------------------------------------------
 
-    def move(self, slot: Slot, state: SlotState) -> None:
-        self.slots.move(slot, state)
+    def move(self, slot: Slot, state: SlotState, now: float | None = None) -> None:
+        self.slots.move(slot, state, now)
         self._notify_changed()
 
     def _notify_changed(self) -> None:
@@ -193,8 +193,9 @@ class SlotKeeper:
         self.check_open()
         while (slot := self.slots.first(SlotState.IDLE, newest=newest)) is not None:
             if slot.alive:
-                self.move(slot, SlotState.TAKEN)
-                self._taken(asked_at=trio.current_time())
+                asked_at = trio.current_time()
+                self.move(slot, SlotState.TAKEN, asked_at)
+                self._taken(asked_at)
                 if self._demand() > 0:
                     self.kick()  # start its replacement
                 return slot
@@ -246,7 +247,9 @@ class SlotKeeper:
             sleep = self._sleep
             if timeout is not None and sleep is not None:
                 # Its idle timeout may be due before the maintainer looks again.
-                sleep.deadline = min(sleep.deadline, slot.since + timeout)
+                due = slot.since + timeout
+                if due < sleep.deadline:
+                    sleep.deadline = due
 
     async def stop(self, slot: Slot) -> None:
         """Shut the slot's child down and wait until it is reaped (shielded)."""

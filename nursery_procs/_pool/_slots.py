@@ -29,6 +29,10 @@ class SlotState(enum.Enum):
     #: Gone: no longer counted (its start failed, or it exited and was reaped).
     GONE = "gone"
 
+    # Members are singletons: hash them by identity, in C. (Enum's own __hash__
+    # is Python code, and a worker pool counts slot states several times a call.)
+    __hash__ = object.__hash__
+
 
 @attrs.define(eq=False)
 class Slot:
@@ -44,16 +48,20 @@ class Slot:
     uses: int = 0
 
     @property
-    def alive(self) -> bool:
-        """The child is ready: not known to be dying, dead or gone from the pool."""
+    def ready(self) -> bool:
+        """The child is ready as far as this process has heard (no system call)."""
         ctx = self.ctx
-        return (
-            ctx is not None
-            and ctx.state is State.READY
-            and self.state is not SlotState.GONE
-            # A child just killed may not be reaped yet; the kernel knows already.
-            and not ctx.process_exited()
-        )
+        return ctx is not None and ctx.state is State.READY and self.state is not SlotState.GONE
+
+    @property
+    def alive(self) -> bool:
+        """The child is ready: not known to be dying, dead or gone from the pool.
+
+        Asks the kernel too: a child just killed may not be reaped yet, and must
+        not be handed out.
+        """
+        ctx = self.ctx
+        return self.ready and ctx is not None and not ctx.process_exited()
 
 
 class Slots:
@@ -78,14 +86,14 @@ class Slots:
         self._slots[slot] = None
         self._counts[slot.state] += 1
 
-    def move(self, slot: Slot, state: SlotState) -> None:
-        """Put *slot* in *state* (``GONE`` removes it) as of now."""
+    def move(self, slot: Slot, state: SlotState, now: float | None = None) -> None:
+        """Put *slot* in *state* (``GONE`` removes it) as of *now* (default: now)."""
         if slot.state is SlotState.GONE:
             return
         self._counts[slot.state] -= 1
         del self._slots[slot]
         slot.state = state
-        slot.since = trio.current_time()
+        slot.since = trio.current_time() if now is None else now
         if state is not SlotState.GONE:
             self._slots[slot] = None
             self._counts[state] += 1

@@ -148,7 +148,7 @@ class WorkerPool:
         keeper = self._keeper
         if keeper.closed:
             keeper.move(slot, SlotState.GONE)  # the pool's shutdown closes it
-        elif not slot.alive:
+        elif not slot.ready:  # (a worker that died unnoticed is caught when next taken)
             keeper.retire(slot, "it stopped running")
         elif self._max_uses is not None and slot.uses >= self._max_uses:
             keeper.retire(slot, f"it served {slot.uses} calls", max_uses=True)
