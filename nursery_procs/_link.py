@@ -56,8 +56,12 @@ CLOSE_INTERNAL_ERROR: Final = 1011
 _U16: Final = struct.Struct("!H")
 _U64: Final = struct.Struct("!Q")
 _READ_SIZE: Final = 65536
-#: Messages a link sends or receives without waiting before it yields anyway.
+#: Messages a link sends or receives without waiting before it yields anyway...
 _YIELD_EVERY: Final = 64
+#: ...or bytes: a reader that yields only every 64 large messages lets them pile
+#: up unread (64 MiB of 1 MiB messages), and fresh memory for each costs more
+#: than the yields saved.
+_YIELD_BYTES: Final = 1024 * 1024
 # Below this, masking with Python integers is cheaper than importing the C helper.
 _SMALL_MASK: Final = 2048
 
@@ -245,8 +249,10 @@ class Link(trio.abc.Channel[bytes]):
         # Over a socket or a pair of pipes, direct non-blocking system calls on the
         # descriptors (see docs/design.rst); -1: another kind of stream, as it is.
         self._in_fd, self._out_fd = _descriptors(stream)
-        # Messages moved without waiting since the last yield to other tasks.
+        # Messages moved without waiting since the last yield to other tasks, and
+        # the bytes moved in all (sent and received) at that yield.
         self._unyielded = 0
+        self._yielded_at = 0
         self.client = client
         self.max_message_size = max_message_size
         self._buf = bytearray(initial)
@@ -349,10 +355,12 @@ class Link(trio.abc.Channel[bytes]):
         link never keeps other tasks waiting for long (Trio's socket methods yield
         on every call, which costs a trip through the scheduler each time)."""
         self._unyielded += 1
-        if self._unyielded < _YIELD_EVERY:
+        moved = self.bytes_sent + self.bytes_received
+        if self._unyielded < _YIELD_EVERY and moved - self._yielded_at < _YIELD_BYTES:
             await trio.lowlevel.checkpoint_if_cancelled()
         else:
             self._unyielded = 0
+            self._yielded_at = moved
             await trio.lowlevel.checkpoint()
 
     async def _write_fd(self, chunks: tuple[bytes, ...]) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import struct
 
 import pytest
 import trio
-import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -150,4 +151,38 @@ async def test_a_busy_link_still_lets_other_tasks_run() -> None:
             for _ in range(300):
                 await link.send(b"s")
             assert ticks - before >= 2
+            nursery.cancel_scope.cancel()
+
+
+# Linux's socket options that set a buffer past the system's maximum (root only).
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="socket buffers past rmem_max need root")
+async def test_a_link_reading_large_messages_yields_after_each_mebibyte() -> None:
+    # Large messages that are all there already: a reader that yielded only every
+    # 64 messages would queue them all before anyone could take one.
+    async with open_raw("socket", "server") as (link, peer):
+        big = b"b" * (512 * 1024)
+        frames = b"".join(frame(BINARY, big, mask=True) for _ in range(8))
+        assert isinstance(peer, trio.SocketStream) and isinstance(link.stream, trio.SocketStream)
+        peer.socket.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 * len(frames))
+        link.stream.socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * len(frames))
+        await peer.send_all(frames)  # all 4 MiB wait in the socket: no read will block
+        ticks = 0
+
+        async def other_task() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)
+            before = ticks
+            for _ in range(8):
+                assert await link.receive() == big
+            # Far fewer messages than the yield every 64, but 4 MiB of them.
+            assert ticks - before >= 3
             nursery.cancel_scope.cancel()
