@@ -41,3 +41,13 @@ def test_wrong_calls_are_errors() -> None:
     assert set(found) == set(expected), found
     for number, code in expected.items():
         assert code in found[number], (number, found[number])
+
+
+def test_the_readme_example_type_checks(tmp_path: Path) -> None:
+    """The first example a user reads passes mypy --strict as it stands."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert match, "README.md has no python example"
+    example = tmp_path / "readme_example.py"
+    example.write_text(match.group(1))
+    assert _mypy(example) == []
