@@ -73,13 +73,23 @@ def _pin() -> str:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return "not pinned: one CPU"
-    os.sched_setaffinity(0, {cpus[0]})
+    for thread in _threads(os.getpid()):
+        os.sched_setaffinity(thread, {cpus[0]})
     for pid in _descendants(os.getpid()):
-        try:
-            os.sched_setaffinity(pid, {cpus[1]})
-        except OSError:
-            pass
-    return f"this process on CPU {cpus[0]}, workers on CPU {cpus[1]}"
+        # Every thread: a worker may run calls on a thread of its own.
+        for thread in _threads(pid):
+            try:
+                os.sched_setaffinity(thread, {cpus[1]})
+            except OSError:
+                pass
+    return f"this process on CPU {cpus[0]}, workers (every thread) on CPU {cpus[1]}"
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
 
 
 async def _median_us(fn: Callable[[], Awaitable[Any]], batch: int) -> float:

@@ -131,6 +131,12 @@ class Supervisor:
         """The children that have not exited yet, oldest first."""
         return [ctx for ctx, _ in self._children.values()]
 
+    @property
+    def fake(self) -> bool:
+        """Whether its children are fakes (a ``spawner`` such as
+        :func:`nursery_procs.testing.fake_spawner` starts them), not processes."""
+        return self._runner.spawner is not None
+
     def statistics(self) -> SupervisorStatistics:
         states = [child.state for _, child in self._children.values()]
         return SupervisorStatistics(

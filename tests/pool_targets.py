@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 
 import trio
 
@@ -34,3 +35,12 @@ def die() -> None:
 
 def identity(data: bytes) -> bytes:
     return data
+
+
+def thread_name() -> str:
+    """The name of the thread the call runs on."""
+    return threading.current_thread().name
+
+
+def unpicklable_result() -> object:
+    return threading.Lock()

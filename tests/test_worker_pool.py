@@ -6,6 +6,7 @@ import math
 import os
 import select
 import signal
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import trio
 import trio.testing
 
 import nursery_procs
-from nursery_procs import ContextDied, PoolClosed, WorkerPool, open_worker_pool
+from nursery_procs import ContextDied, PoolClosed, WireError, WorkerPool, open_worker_pool
 from nursery_procs.testing import open_fake_supervisor
 
 
@@ -263,3 +264,62 @@ async def test_a_worker_killed_between_calls_is_not_used(workers: WorkerPool) ->
     wait_until_dead_unreaped(pid)
     assert await workers.run(os.getpid) != pid
     assert workers.statistics().idle_deaths == 1
+
+
+# -- direct calls ------------------------------------------------------------------
+
+
+async def test_sync_calls_go_direct_and_async_ones_over_the_link(workers: WorkerPool) -> None:
+    assert await workers.run(pool_targets.thread_name) == "nursery_procs direct calls"
+    assert await workers.run(pool_targets.async_getpid) == await workers.run(os.getpid)
+    # A name is resolved in the worker, so only the worker knows if it is async: link.
+    assert await workers.run("pool_targets:thread_name") == "MainThread"
+    assert workers.statistics().total_spawned == 1
+
+
+async def test_what_cannot_be_pickled_is_a_clear_error_and_loses_no_worker(
+    workers: WorkerPool,
+) -> None:
+    pid = await workers.run(os.getpid)
+    with pytest.raises(WireError, match="cannot pickle the call"):
+        await workers.run(pool_targets.identity, threading.Lock())  # type: ignore[arg-type]
+    with pytest.raises(WireError, match="cannot pickle the result"):
+        await workers.run(pool_targets.unpicklable_result)
+    assert await workers.run(os.getpid) == pid
+    assert await workers.run(pool_targets.identity, b"x" * 3_000_000) == b"x" * 3_000_000
+
+
+async def test_a_cancelled_direct_call_is_waited_for(workers: WorkerPool, tmp_path: Path) -> None:
+    async with Calls(tmp_path / "calls") as calls:
+        with trio.fail_after(60):
+            order: list[str] = []
+            async with trio.open_nursery() as nursery:
+                cancelled = trio.CancelScope()
+
+                async def call() -> None:
+                    with cancelled:
+                        await workers.run(pool_targets.connect_and_wait, calls.path)
+                    order.append("returned")
+
+                nursery.start_soon(call)
+                pid = await calls.running()
+                cancelled.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                order.append("released")  # a sync function cannot be interrupted
+                await calls.release(0)
+            assert order == ["released", "returned"]
+            assert cancelled.cancelled_caught
+            assert await workers.run(os.getpid) == pid  # the worker is kept
+
+
+async def test_untrusted_workers_are_called_over_the_link() -> None:
+    async with (
+        nursery_procs.open_supervisor() as sup,
+        open_worker_pool(sup, limit=1, trusted=False) as workers,
+    ):
+        assert await workers.run(pool_targets.thread_name) == "MainThread"
+
+
+async def test_a_supervisor_says_whether_its_children_are_fakes() -> None:
+    async with nursery_procs.open_supervisor() as real, open_fake_supervisor() as (fake, _):
+        assert (real.fake, fake.fake) == (False, True)

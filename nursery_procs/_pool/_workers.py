@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -9,10 +10,12 @@ from typing import Any, TypeVar, TypeVarTuple, overload
 
 import trio
 
+from .._context import Context
 from .._isolation import Isolation
 from .._process import Policy
 from .._ssh import SSH
 from .._supervisor import ChildOptions, Supervisor
+from ._direct import DirectChannel
 from ._keeper import SlotKeeper
 from ._prespawn import Pool, run_keeper
 from ._settings import PoolSettings, PoolStatistics, check_whole_number
@@ -20,6 +23,12 @@ from ._slots import Slot, SlotState
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
+
+
+def _is_sync(fn: object) -> bool:
+    """Whether *fn* is a function known here to be sync (a ``"module:function"``
+    name is not: only the worker can tell)."""
+    return callable(fn) and not inspect.iscoroutinefunction(fn)
 
 
 class WorkerPool:
@@ -31,12 +40,22 @@ class WorkerPool:
     """
 
     def __init__(
-        self, pool: Pool, keeper: SlotKeeper, limiter: trio.CapacityLimiter, max_uses: int | None
+        self,
+        pool: Pool,
+        keeper: SlotKeeper,
+        limiter: trio.CapacityLimiter,
+        max_uses: int | None,
+        *,
+        direct: bool = False,
     ) -> None:
         self._pool = pool
         self._keeper = keeper
         self._limiter = limiter
         self._max_uses = max_uses
+        # Direct calls (see _direct.py), for local, trusted workers: each worker's
+        # channel, or None once it is known that it cannot have one.
+        self._direct = direct
+        self._channels: dict[Slot, DirectChannel | None] = {}
 
     def __repr__(self) -> str:
         stats = self.statistics()
@@ -106,9 +125,11 @@ class WorkerPool:
             PoolClosed: the pool is closed, or closed while this was waiting.
             WireError: the function, the arguments or the result cannot be pickled.
 
-        A sync *fn* runs on the worker's event loop (``in_thread=False`` for
-        :meth:`Context.call`): a worker does one call at a time, so it has nothing
-        else to serve meanwhile, and the call saves the hop to a thread.
+        A sync *fn* called on a local, trusted worker goes over a socket of the
+        worker's own, to a thread there that runs it (see "Direct calls" in
+        :doc:`pools`); otherwise, and for async functions, ``"module:function"``
+        names and ``kill_on_cancel`` calls, the call goes over the link and runs
+        on the worker's event loop (``in_thread=False`` for :meth:`Context.call`).
 
         **Cancellation:** waiting for a worker is safe to cancel. Once the call
         runs, cancelling it behaves as for :meth:`Context.call`: an async *fn* is
@@ -134,26 +155,55 @@ class WorkerPool:
             keeper = self._keeper
             slot = keeper.take_idle(newest=True) or await keeper.wait_for_child()
             try:
-                assert slot.ctx is not None
-                return await slot.ctx.call(
-                    fn, *args, kill_on_cancel=kill_on_cancel, in_thread=False
-                )
+                ctx = slot.ctx
+                assert ctx is not None
+                if self._direct and not kill_on_cancel and _is_sync(fn):
+                    channel = await self._channel(slot, ctx)
+                    if channel is not None:
+                        return await channel.call(fn, args)
+                return await ctx.call(fn, *args, kill_on_cancel=kill_on_cancel, in_thread=False)
             finally:
                 self._give_back(slot)
         finally:
             self._limiter.release()
 
+    async def _channel(self, slot: Slot, ctx: Context) -> DirectChannel | None:
+        """The worker's direct channel, opened on its first direct call."""
+        if slot in self._channels:
+            return self._channels[slot]
+        channel = self._channels[slot] = None  # until it is open: calls use the link
+        channel = self._channels[slot] = await DirectChannel.open(ctx)
+        return channel
+
     def _give_back(self, slot: Slot) -> None:
         slot.uses += 1
         keeper = self._keeper
         if keeper.closed:
+            self._forget(slot)
             keeper.move(slot, SlotState.GONE)  # the pool's shutdown closes it
-        elif not slot.ready:  # (a worker that died unnoticed is caught when next taken)
+        elif not slot.ready or self._broken(slot):
+            # (a worker that died unnoticed is caught when next taken)
+            self._forget(slot)
             keeper.retire(slot, "it stopped running")
         elif self._max_uses is not None and slot.uses >= self._max_uses:
+            self._forget(slot)
             keeper.retire(slot, f"it served {slot.uses} calls", max_uses=True)
         else:
             keeper.offer(slot)
+
+    def _broken(self, slot: Slot) -> bool:
+        channel = self._channels.get(slot)
+        return channel is not None and channel.closed
+
+    def _forget(self, slot: Slot) -> None:
+        channel = self._channels.pop(slot, None)
+        if channel is not None:
+            channel.close()
+
+    def close_channels(self) -> None:
+        """Close every direct channel (the pool is closing)."""
+        for slot in list(self._channels):
+            self._forget(slot)
 
 
 def open_worker_pool(
@@ -259,4 +309,12 @@ async def _open_worker_pool(
         settings=settings,
         options=options,
     ) as (pool, keeper):
-        yield WorkerPool(pool, keeper, trio.CapacityLimiter(limit), max_uses)
+        asked = options.get("trusted")
+        trusted = supervisor.trusted if asked is None else asked
+        via = options.get("via") or supervisor.start_options.via
+        direct = trusted and via is None and not supervisor.fake
+        workers = WorkerPool(pool, keeper, trio.CapacityLimiter(limit), max_uses, direct=direct)
+        try:
+            yield workers
+        finally:
+            workers.close_channels()
