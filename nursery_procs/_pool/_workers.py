@@ -171,6 +171,9 @@ class WorkerPool:
         """The worker's direct channel, opened on its first direct call."""
         if slot in self._channels:
             return self._channels[slot]
+        # A new worker: close the channels of workers that died while idle.
+        for gone in [each for each in self._channels if each.state is SlotState.GONE]:
+            self._forget(gone)
         channel = self._channels[slot] = None  # until it is open: calls use the link
         channel = self._channels[slot] = await DirectChannel.open(ctx)
         return channel
