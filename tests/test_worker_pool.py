@@ -260,10 +260,14 @@ async def test_cancelled_async_call_keeps_its_worker(autojump_clock: trio.abc.Cl
 
 async def test_a_worker_killed_between_calls_is_not_used(workers: WorkerPool) -> None:
     pid = await workers.run(os.getpid)
+    descriptors = len(os.listdir("/proc/self/fd"))
     os.kill(pid, signal.SIGKILL)
     wait_until_dead_unreaped(pid)
     assert await workers.run(os.getpid) != pid
     assert workers.statistics().idle_deaths == 1
+    # The dead worker's direct channel was closed as the new one's opened.
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(os.listdir("/proc/self/fd")) == descriptors
 
 
 # -- direct calls ------------------------------------------------------------------
