@@ -5,7 +5,6 @@ back may not)."""
 from __future__ import annotations
 
 import pickle
-import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -80,12 +79,3 @@ async def send_malformed(client_id: int) -> int:
     for message in MALFORMED:
         await parent.send(_aimed(message, client_id))
     return len(MALFORMED)
-
-
-def connect(port: int) -> str:
-    """Reach for 127.0.0.1:*port*: ``"connected"``, or the error met."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
-            return "connected"
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}"

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+import process_targets
 import pytest
 import trio
 
@@ -80,7 +81,7 @@ def test_child_batches_are_checked_whole() -> None:
 async def _confinement(server_port: int, ctx: nursery_procs.Context) -> tuple[str, int | None, str]:
     """What a document child sees when it reaches for the network, its address-space
     limit and its ``NoNewPrivs`` flag (read from outside, in /proc)."""
-    reached = await ctx.call(hostile.connect, server_port)
+    reached = await ctx.call(process_targets.connect, server_port)
     limits = await trio.Path(f"/proc/{ctx.pid}/limits").read_text()
     address_space = next(line for line in limits.splitlines() if "address space" in line)
     status = await trio.Path(f"/proc/{ctx.pid}/status").read_text()

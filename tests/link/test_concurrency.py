@@ -121,36 +121,42 @@ def test_random_payloads_arrive_intact_and_in_order(up: list[bytes], down: list[
     trio.run(main)
 
 
+class Ticker:
+    """Another task that counts its turns: how often the scheduler let it run."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def run(self) -> None:
+        while True:
+            self.ticks += 1
+            await trio.lowlevel.checkpoint()
+
+
 async def test_a_busy_link_still_lets_other_tasks_run() -> None:
     # Over a socket the link uses direct system calls, which do not yield; it must
     # yield now and then anyway, or a busy link would starve every other task.
     async with open_raw("socket", "server") as (link, peer):
-        ticks = 0
-
-        async def other_task() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await trio.lowlevel.checkpoint()
+        other = Ticker()
 
         async def drain_peer() -> None:  # many tiny frames fill a Unix socket fast
             while await peer.receive_some(65536):
                 pass
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(other_task)
+            nursery.start_soon(other.run)
             nursery.start_soon(drain_peer)
             await peer.send_all(b"".join(frame(BINARY, b"m", mask=True) for _ in range(300)))
-            before = ticks
+            before = other.ticks
             for _ in range(300):
                 assert await link.receive() == b"m"
             # Without its periodic yields the link would let the other task run at
             # most once (if it had to wait for the data), and not at all below.
-            assert ticks - before >= 2
-            before = ticks
+            assert other.ticks - before >= 2
+            before = other.ticks
             for _ in range(300):
                 await link.send(b"s")
-            assert ticks - before >= 2
+            assert other.ticks - before >= 2
             nursery.cancel_scope.cancel()
 
 
@@ -170,21 +176,14 @@ async def test_a_link_reading_large_messages_yields_after_each_mebibyte() -> Non
         peer.socket.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 * len(frames))
         link.stream.socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * len(frames))
         await peer.send_all(frames)  # all 8 MiB wait in the socket: no read will block
-        ticks = 0
-
-        async def other_task() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await trio.lowlevel.checkpoint()
-
+        other = Ticker()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(other_task)
-            before = ticks
+            nursery.start_soon(other.run)
+            before = other.ticks
             for _ in range(16):
                 assert await link.receive() == big
             # Far fewer messages than the yield every 64, but 8 MiB of them: a yield
             # before every third message on, 7 in all, and the other task runs once
             # in each turn of the scheduler (before or after this one).
-            assert ticks - before >= 6
+            assert other.ticks - before >= 6
             nursery.cancel_scope.cancel()
