@@ -157,6 +157,21 @@ def _close_payload(payload: bytes) -> tuple[int, str]:
         raise _ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close reason is not UTF-8") from None
 
 
+def _binary_frame(parts: tuple[bytes, ...], length: int, *, masked: bool) -> tuple[bytes, ...]:
+    """A binary message of *parts* (*length* bytes in all) as the chunks to write."""
+    if masked:
+        key = os.urandom(4)
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        header = _header(OP_BINARY, length, True) + key
+        if length < _READ_SIZE:
+            return (header + apply_mask(payload, key),)
+        return (header, apply_mask(payload, key))
+    if length < _READ_SIZE:
+        return (b"".join((_header(OP_BINARY, length, False), *parts)),)
+    # Large payloads are written as they are, not copied into one buffer.
+    return (_header(OP_BINARY, length, False), *parts)
+
+
 def _remaining(chunks: tuple[bytes, ...], written: int) -> list[bytes | memoryview]:
     """What is left of *chunks* once *written* bytes of them have been sent."""
     left: list[bytes | memoryview] = []
@@ -309,20 +324,7 @@ class Link(trio.abc.Channel[bytes]):
             raise self._closed_error()
         parts = (value, *more)
         length = len(value) if not more else sum(map(len, parts))
-        if self.client:
-            key = os.urandom(4)
-            payload = parts[0] if len(parts) == 1 else b"".join(parts)
-            header = _header(OP_BINARY, length, True) + key
-            if length < _READ_SIZE:
-                chunks: tuple[bytes, ...] = (header + apply_mask(payload, key),)
-            else:
-                chunks = (header, apply_mask(payload, key))
-        elif length < _READ_SIZE:
-            chunks = (b"".join((_header(OP_BINARY, length, False), *parts)),)
-        else:
-            # Large payloads are written as they are, not copied into one buffer.
-            chunks = (_header(OP_BINARY, length, False), *parts)
-        await self._write(chunks)
+        await self._write(_binary_frame(parts, length, masked=self.client))
         self.messages_sent += 1
         self.bytes_sent += length
 
