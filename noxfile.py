@@ -14,7 +14,7 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False
 
 PYTHON = ["3.11", "3.12", "3.13"]
-SOURCES = ["nursery_procs", "tests", "examples", "benchmarks", "noxfile.py", "docs"]
+SOURCES = ["nursery_procs", "tests", "examples", "benchmarks", "scripts", "noxfile.py", "docs"]
 
 
 @nox.session(python=PYTHON)
@@ -44,11 +44,13 @@ def wheel(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (with the ASYNC and complexity rules), format check, and the import layers."""
+    """ruff (with the ASYNC and complexity rules), format check, the import layers,
+    and no class over 350 lines."""
     session.install("ruff", "import-linter", "-e", ".")
     session.run("ruff", "check", *SOURCES)
     session.run("ruff", "format", "--check", *SOURCES)
     session.run("lint-imports")
+    session.run("python", "scripts/check_class_sizes.py")
 
 
 @nox.session
