@@ -44,3 +44,7 @@ def thread_name() -> str:
 
 def unpicklable_result() -> object:
     return threading.Lock()
+
+
+def exit_the_worker() -> None:
+    raise SystemExit(3)

@@ -349,6 +349,15 @@ async def test_a_cancelled_direct_call_is_waited_for(workers: WorkerPool, tmp_pa
             assert await workers.run(os.getpid) == pid  # the worker is kept
 
 
+async def test_system_exit_in_a_call_ends_the_worker_as_over_the_link(
+    workers: WorkerPool,
+) -> None:
+    pid = await workers.run(os.getpid)
+    with trio.fail_after(30), pytest.raises(ContextDied, match="SystemExit: 3"):
+        await workers.run(pool_targets.exit_the_worker)
+    assert await workers.run(os.getpid) != pid
+
+
 async def test_untrusted_workers_are_called_over_the_link() -> None:
     async with (
         nursery_procs.open_supervisor() as sup,

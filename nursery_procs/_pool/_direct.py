@@ -28,6 +28,7 @@ import pickle
 import socket
 import struct
 import threading
+import traceback
 from typing import Any
 
 import trio
@@ -95,6 +96,11 @@ def _outcome(body: bytes) -> bytes:
         outcome: tuple[bool, Any] = (True, resolve(fn)(*args))
     except Exception as exc:
         outcome = failed(exc)
+    except BaseException:
+        # SystemExit and the like end the worker, as they do a call over the
+        # link: the caller gets ContextDied, and the pool a fresh worker.
+        traceback.print_exc()
+        os._exit(1)
     try:
         return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
