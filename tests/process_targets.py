@@ -141,8 +141,12 @@ def start_descendants() -> tuple[int, int]:
 
 
 async def descendants_then_return() -> tuple[int, int]:
+    """Start descendants, tell the parent, and return once it says so (it watches
+    them first: they end as soon as this returns)."""
     pids = start_descendants()
-    await nursery_procs.parent().send(pids)
+    parent = nursery_procs.parent()
+    await parent.send(pids)
+    await parent.receive()
     return pids
 
 

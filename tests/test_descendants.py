@@ -77,6 +77,7 @@ async def test_a_target_that_returns_ends_its_descendants(start_method: str) -> 
         ctx = await sup.start_child(process_targets.descendants_then_return)
         pids = await ctx.receive()
         async with watching([*pids]) as all_gone:
+            await ctx.send("return now")
             assert await ctx.wait() == pids
             await all_gone()
         assert ctx.returncode == 0
