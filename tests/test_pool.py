@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import select
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +14,7 @@ import pytest
 import targets
 import trio
 import trio.testing
+from dead import wait_until_dead_unreaped
 
 import nursery_procs
 from nursery_procs import (
@@ -718,20 +718,6 @@ async def test_statistics_count_every_child_once(autojump_clock: trio.abc.Clock)
 
 
 # -- sessions never hand out a dead child ----------------------------------------
-
-
-def wait_until_dead_unreaped(pid: int) -> None:
-    """Block (this thread, so no Trio task runs meanwhile) until the kernel says
-    the child *pid* has exited, reaped or not (a pidfd: whoever its parent is,
-    this process or a fork server)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:  # reaped already, by its fork server
-        return
-    try:
-        select.select([pidfd], [], [])
-    finally:
-        os.close(pidfd)
 
 
 async def test_real_session_child_killed_between_two_users() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import select
 import signal
 import subprocess
 import threading
@@ -16,6 +15,7 @@ import pool_targets
 import pytest
 import trio
 import trio.testing
+from dead import wait_until_dead_unreaped
 
 import nursery_procs
 from nursery_procs import ContextDied, PoolClosed, WireError, WorkerPool, open_worker_pool
@@ -52,20 +52,6 @@ class Calls:
 
     async def release(self, index: int) -> None:
         await self.held[index].aclose()
-
-
-def wait_until_dead_unreaped(pid: int) -> None:
-    """Block (this thread, so no Trio task runs meanwhile) until the kernel says
-    the child *pid* has exited, reaped or not (a pidfd: whoever its parent is,
-    this process or a fork server)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:  # reaped already, by its fork server
-        return
-    try:
-        select.select([pidfd], [], [])
-    finally:
-        os.close(pidfd)
 
 
 async def run_all(workers: WorkerPool, count: int) -> list[int]:

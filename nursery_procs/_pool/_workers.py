@@ -174,7 +174,7 @@ class WorkerPool:
         # A new worker: close the channels of workers that died while idle.
         for gone in [each for each in self._channels if each.state is SlotState.GONE]:
             self._forget(gone)
-        channel = self._channels[slot] = None  # until it is open: calls use the link
+        self._channels[slot] = None  # if opening fails, this worker's calls use the link
         channel = self._channels[slot] = await DirectChannel.open(ctx)
         return channel
 
