@@ -203,16 +203,6 @@ async def exercise_link() -> None:
     await parent.aclose()
 
 
-def _warm_up() -> None:
-    """Run a link's handshake and a message once, in a Trio run that is over
-    before anything is forked (no loop and no thread outlive it).
-
-    Each child would otherwise pay for first-time work (lazy set-up, Python's
-    specialisation of hot code) in pages it must copy from this process.
-    """
-    trio.run(exercise_link)
-
-
 class ChildEntry(Protocol):
     """How a new child runs the child runtime (given by the entry point, which
     may import the runtime; this module may not)."""
@@ -222,6 +212,14 @@ class ChildEntry(Protocol):
 
     def run_spare(self, channel_fd: int, master_pidfd: int) -> NoReturn:
         """Run a spare: wait for its assignment on *channel_fd*, then run."""
+
+    def rehearse(self) -> None:
+        """Run what every child runs, in this process, before anything is forked;
+        no loop, thread or descriptor may outlive it.
+
+        Each child would otherwise pay for first-time work (lazy set-up, Python's
+        specialisation of hot code) in pages it must copy from this process.
+        """
 
 
 @attrs.define(eq=False)
@@ -287,7 +285,7 @@ class _Server:
         sys.path[:] = list(dict.fromkeys([*config["sys_path"], *sys.path]))
         try:
             _preload(config["preload"], config.get("main"))
-            _warm_up()
+            self.entry.rehearse()
             _check_single_threaded()
         except BaseException as exc:
             traceback.print_exc()

@@ -6,17 +6,19 @@ import collections
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 
 import process_targets
 import pytest
+import setproctitle
 import targets
 import trio
 import trio.testing
 from programs import run_script
 
 import nursery_procs
-from nursery_procs import ChildStartError, ContextDied, ForkServerError, Policy, State
+from nursery_procs import ChildStartError, ContextDied, ForkServerError, Policy, State, _runtime
 from nursery_procs.testing import wait_process_gone
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -114,6 +116,32 @@ async def test_a_forked_child_sees_none_of_its_siblings(tmp_path: Path) -> None:
         assert (tmp_path / "first").read_text() == f"clean {first.pid}\n"
         assert first.returncode == 0
         assert await second.call(process_targets.fd_table) == first_fds
+
+
+async def test_the_rehearsals_in_the_fork_server_leave_nothing_there() -> None:
+    async with nursery_procs.open_supervisor(**FORK) as sup:
+        ctx = await sup.start_child(None)
+        server = await ctx.call(process_targets.parent_pid)
+        (_spare,) = set(_children_of(server)) - {ctx.pid}
+        kinds = collections.Counter(
+            _kind(os.readlink(f"/proc/{server}/fd/{fd}")) for fd in os.listdir(f"/proc/{server}/fd")
+        )
+        threads = os.listdir(f"/proc/{server}/task")
+    # Its control socket and its spare's channel: no socket of a rehearsal is left.
+    sockets = sum(n for kind, n in kinds.items() if kind.startswith("socket"))
+    assert sockets == 2
+    assert len(threads) == 1
+
+
+async def test_a_rehearsal_puts_back_what_it_changed_in_its_process() -> None:
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.lastResort)
+    title = setproctitle.getproctitle()
+    threads = threading.active_count()
+    await _runtime.rehearsal()
+    assert (list(root.handlers), root.level, logging.lastResort) == before
+    assert setproctitle.getproctitle() == title
+    assert threading.active_count() == threads  # calls ran on the loop
 
 
 # -- same guarantees as exec'd children --------------------------------------
