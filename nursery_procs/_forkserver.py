@@ -41,6 +41,7 @@ import array
 import collections
 import gc
 import importlib
+import inspect
 import itertools
 import json
 import logging
@@ -519,18 +520,42 @@ def _send_message(sock: socket.socket, message: dict[str, Any], fds: tuple[int, 
     sock.sendmsg([_encode(message)], ancillary, socket.MSG_NOSIGNAL)
 
 
-def _preload(modules: list[str], main: list[str] | None) -> None:
+def _preload(entries: list[str], main: list[str] | None) -> None:
+    """Import each module of *entries*, in order, and run each ``module:function``
+    entry's function once its module is imported."""
     for name in _WARM_MODULES:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
-    for name in modules:
+    for entry in entries:
+        name, _, function = entry.partition(":")
         if name == "__main__":
-            if main is not None:
-                load_main_module((main[0], main[1]))
+            if main is None:
+                continue  # no script or -m module to load: nothing to preload
+            load_main_module((main[0], main[1]))
+            module = sys.modules["__mp_main__"]
         else:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
+        if function:
+            _run_preload_function(entry, module, function)
+
+
+def _run_preload_function(entry: str, module: object, path: str) -> None:
+    found: Any = module
+    for attribute in path.split("."):
+        found = getattr(found, attribute)
+    if not callable(found):
+        raise TypeError(f"preload {entry!r} is not callable")
+    result = found()
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited: no warning about it
+        raise TypeError(
+            f"preload {entry!r} is async: a preload function is called in the fork "
+            "server, outside any event loop; make it a sync function (it may call "
+            "trio.run itself)"
+        )
 
 
 def serve_forks(argv: list[str], entry: ChildEntry) -> NoReturn:

@@ -27,7 +27,7 @@ from . import _importer, _wire
 from ._asking import OnCancel
 from ._errors import ContextError, LinkClosed, WireError
 from ._importer import MISSING, SHIPPED_MAIN, ModuleRecord
-from ._process import Spawned
+from ._process import Spawned, preload_module
 from ._remote import failed
 from ._router import Route, Router
 from ._spec import Bootstrap, main_module_spec
@@ -317,7 +317,7 @@ class Shipping:
         """*boot* as this child needs it: no paths of this host if it runs on
         another one, the main script shipped by name, and the modules its target
         refers to (with the preload list) sent ahead."""
-        names = [*self.preload, *_importer.pickle_modules(boot.target_blob)]
+        names = [*map(preload_module, self.preload), *_importer.pickle_modules(boot.target_blob)]
         string_target = _importer.string_target_module(boot.target_blob)
         if string_target is not None:
             names.append(string_target)

@@ -78,10 +78,25 @@ class Policy:
         return self.grace_period + self.kill_after + 2.0
 
 
-def _module_name(name: object) -> str:
-    if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
-        raise ValueError(f"preload entries are module names like 'package.module', not {name!r}")
-    return name
+def _dotted(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _preload_entry(entry: object) -> str:
+    """A valid preload entry: ``"package.module"``, or ``"package.module:function"``."""
+    if isinstance(entry, str):
+        module, colon, function = entry.partition(":")
+        if _dotted(module) and (not colon or _dotted(function)):
+            return entry
+    raise ValueError(
+        "preload entries are module names like 'package.module', or "
+        f"'package.module:function' for a function to run once imported, not {entry!r}"
+    )
+
+
+def preload_module(entry: str) -> str:
+    """The module of a preload entry (``"package.module:function"``: ``"package.module"``)."""
+    return entry.partition(":")[0]
 
 
 @attrs.frozen
@@ -94,7 +109,8 @@ class StartOptions:
     #: server process that has already imported the runtime and ``preload``.
     method: StartMethod = attrs.field(default=DEFAULT_START_METHOD)
     #: Modules a fork server imports once before it forks children (module
-    #: names; ``"__main__"`` is the parent's main script or module).
+    #: names; ``"__main__"`` is the parent's main script or module), and
+    #: functions it then runs once (``"package.module:function"``).
     preload: tuple[str, ...] = ()
     #: How the child is confined.
     isolation: Isolation = attrs.field(factory=Isolation)
@@ -147,7 +163,7 @@ class StartOptions:
             return ()
         if isinstance(preload, str | bytes):
             raise TypeError(f"preload is a list of module names, not the string {preload!r}")
-        return tuple(dict.fromkeys(_module_name(name) for name in preload))
+        return tuple(dict.fromkeys(_preload_entry(entry) for entry in preload))
 
     def override(
         self,

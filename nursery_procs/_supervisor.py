@@ -216,9 +216,11 @@ class Supervisor:
                 (forked from a fork server of this supervisor); default the
                 supervisor's. See :doc:`start_methods`.
             preload: for ``"forkserver"``, the modules its fork server has
-                imported before forking (children with different lists come
-                from different fork servers); for a child on another host, the
-                modules sent to it ahead of its target. Default the supervisor's.
+                imported, and the functions it has run
+                (``"package.module:function"``), before forking (children with
+                different lists come from different fork servers); for a child
+                on another host, the modules sent to it ahead of its target.
+                Default the supervisor's.
             isolation: how the child is confined (resource limits, namespaces,
                 a read-only file system; see :class:`Isolation` and
                 :doc:`security`); default the supervisor's.
@@ -447,8 +449,9 @@ async def open_supervisor(
             ``"forkserver"``.
             See :doc:`start_methods`.
         preload: modules the fork server imports before it forks (``"__main__"``
-            for the main script or module); the server starts at once, so that
-            one that fails to import fails here.
+            for the main script or module), and functions it then calls once
+            (``"package.module:function"``); the server starts at once, so that
+            one that fails to import, or a function that raises, fails here.
         isolation: how children are confined unless
             :meth:`~Supervisor.start_child` says otherwise (see :class:`Isolation`).
         via: the host children run on unless :meth:`~Supervisor.start_child` says

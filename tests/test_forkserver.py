@@ -9,6 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
+import forkserver_prepare
 import process_targets
 import pytest
 import setproctitle
@@ -200,6 +201,39 @@ async def test_a_preload_that_fails_fails_only_the_children_that_need_it() -> No
         assert await ctx.call(targets.add, 1, 2) == 3
 
 
+async def test_a_preload_function_runs_once_in_the_fork_server() -> None:
+    squares = sum(n * n for n in range(1000))
+    for entry in ("forkserver_prepare:prepare", "forkserver_prepare:Holder.prepare"):
+        async with nursery_procs.open_supervisor(**FORK, preload=[entry]) as sup:
+            first = await sup.start_child(None)
+            second = await sup.start_child(None)
+            server = await first.call(process_targets.parent_pid)
+            assert await first.call(forkserver_prepare.what_was_prepared) == ([server], squares)
+            assert await second.call(forkserver_prepare.what_was_prepared) == ([server], squares)
+            # Children of another fork server (no preload) did not get it.
+            other = await sup.start_child(None, preload=[])
+            assert await other.call(forkserver_prepare.what_was_prepared) == ([], 0)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("forkserver_prepare:fail", "RuntimeError: preparing failed on purpose"),
+        ("forkserver_prepare:asynchronous", "'forkserver_prepare:asynchronous' is async"),
+        ("forkserver_prepare:NOT_CALLABLE", "'forkserver_prepare:NOT_CALLABLE' is not callable"),
+        ("forkserver_prepare:missing", "AttributeError: module 'forkserver_prepare'"),
+    ],
+)
+async def test_a_preload_function_that_fails_fails_the_supervisor_start(
+    entry: str, message: str
+) -> None:
+    with pytest.raises(ForkServerError) as info:
+        async with nursery_procs.open_supervisor(**FORK, preload=[entry]):
+            pytest.fail("the supervisor opened")  # pragma: no cover
+    assert message in info.value.detail
+    assert info.value.returncode == 1
+
+
 async def test_a_preload_that_starts_a_thread_is_refused() -> None:
     with pytest.raises(ForkServerError, match="preloading started a thread"):
         async with nursery_procs.open_supervisor(**FORK, preload=["forkserver_threads"]):
@@ -213,6 +247,10 @@ async def test_a_preload_that_starts_a_thread_is_refused() -> None:
         ({"preload": "pycrdt"}, TypeError, "not the string"),
         ({"preload": ["not a module"]}, ValueError, "module names"),
         ({"preload": [3]}, ValueError, "module names"),
+        ({"preload": ["mod:"]}, ValueError, "'package.module:function'"),
+        ({"preload": [":prepare"]}, ValueError, "'package.module:function'"),
+        ({"preload": ["mod:1x"]}, ValueError, "'package.module:function'"),
+        ({"preload": ["mod:a:b"]}, ValueError, "'package.module:function'"),
     ],
 )
 async def test_bad_start_options_are_refused_before_anything_starts(

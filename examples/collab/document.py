@@ -49,6 +49,7 @@ from .protocol import (
     ALL,
     JOIN,
     KICK,
+    LEAVE,
     MSG,
     RESYNC,
     RESYNCED,
@@ -992,3 +993,55 @@ async def serve_document(name: str, data_dir: str) -> None:
     import nursery_procs
 
     await run_document(nursery_procs.parent(), name, data_dir)
+
+
+# -- rehearsal ------------------------------------------------------------------------------
+
+
+def rehearse() -> None:
+    """Serve a document once in this process, in a temporary folder: open it, let two
+    clients join, sync, publish their awareness and edit, let them leave, compact it
+    and close it. The folder is removed; no thread is started.
+
+    The server's fork server calls this before it forks any document child (the preload
+    entry ``"examples.collab.document:rehearse"``), so that the code every document
+    child runs is set up, and specialised by Python, in pages the children share rather
+    than in pages each copies. Storage that cannot be used here only skips the rehearsal
+    (logged): it is an optimisation.
+    """
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="collab-rehearsal-") as folder:
+            _rehearse_in(Path(folder))
+    except (OSError, JournalError) as exc:
+        logger.warning("document rehearsal skipped: %s", exc)
+
+
+def _rehearse_in(folder: Path) -> None:
+    journal = Journal.open(folder, "rehearsal", check_old=_check_old_snapshot)
+    try:
+        kernel = DocumentKernel("rehearsal", journal)
+        records: list[Record] = [(JOIN, 1, b""), (JOIN, 2, b"")]
+        for client_id in (1, 2):
+            doc: Doc[Text] = Doc()
+            awareness = Awareness(doc)
+            awareness.set_local_state({"user": {"name": f"client {client_id}"}})
+            update = awareness.encode_awareness_update([awareness.client_id])
+            records.append((MSG, client_id, _sync_message(SYNC_STEP1, doc.get_state())))
+            records.append((MSG, client_id, _awareness_message(update)))
+            text = doc.get("text", type=Text)
+            for edit in range(4):
+                before = doc.get_state()
+                text += f"edit {edit} "
+                payload = _sync_message(SYNC_UPDATE, doc.get_update(before))
+                records.append((MSG, client_id, payload))
+        records += [(LEAVE, 1, b""), (LEAVE, 2, b"")]
+        for record in records:
+            durable, outgoing = _process_batch(kernel, [record])
+            journal.append(durable)
+            for _batch in _batches(outgoing):
+                pass
+        journal.compact(kernel.full_state())
+    finally:
+        journal.close()

@@ -373,7 +373,8 @@ def open_pool(
         trusted: ``False`` for children whose messages must never be unpickled
             (see :meth:`Supervisor.start_child`; default: the supervisor's).
         start_method: ``"exec"`` or ``"forkserver"`` (default: the supervisor's).
-        preload: modules the fork server imports before forking the children.
+        preload: modules the fork server imports, and functions it runs
+            (``"package.module:function"``), before forking the children.
         isolation: the children's :class:`Isolation` (default: the supervisor's).
         via: the host the children run on (:func:`ssh`; default: the supervisor's).
 

@@ -249,7 +249,8 @@ def open_worker_pool(
         trusted: ``False`` for workers whose messages must never be unpickled
             (see :meth:`Supervisor.start_child`; default: the supervisor's).
         start_method: ``"exec"`` or ``"forkserver"`` (default: the supervisor's).
-        preload: modules the fork server imports before forking the workers.
+        preload: modules the fork server imports, and functions it runs
+            (``"package.module:function"``), before forking the workers.
         isolation: the workers' :class:`Isolation` (default: the supervisor's).
         via: the host the workers run on (:func:`ssh`; default: the supervisor's).
 

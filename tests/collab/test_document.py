@@ -33,6 +33,8 @@ from examples.collab.document import (
     ProtocolError,
     UnknownClientError,
     _process_batch,
+    _rehearse_in,
+    rehearse,
     run_document,
     validate_name,
 )
@@ -624,3 +626,31 @@ async def test_run_document_returns_when_the_channel_ends(tmp_path: Path) -> Non
     assert (tmp_path / "notes.snapshot").exists()
     with Journal.open(tmp_path, "notes") as journal:
         assert DocumentKernel("notes", journal).text() == "bye"
+
+
+# -- the fork server's rehearsal --------------------------------------------------------------
+
+
+def test_a_rehearsal_serves_a_document_through_the_real_code(tmp_path: Path) -> None:
+    _rehearse_in(tmp_path)
+    # Both clients' edits were applied, made durable and compacted: neither was kicked.
+    journal = Journal.open(tmp_path, "rehearsal")
+    try:
+        doc: Doc[Text] = Doc()
+        for update in journal.recovered:
+            doc.apply_update(update)
+        assert journal.record_count == 0  # compacted into the snapshot
+    finally:
+        journal.close()
+    text = str(doc.get("text", type=Text))
+    assert text.count("edit 3 ") == 2
+    assert len(text) == 2 * len("edit 0 edit 1 edit 2 edit 3 ")
+
+
+def test_a_rehearsal_without_usable_storage_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "missing"))
+    rehearse()
+    assert "document rehearsal skipped" in caplog.text
+    assert list(tmp_path.iterdir()) == []
