@@ -38,6 +38,11 @@ The same load runs, in the same invocation and one after the other, against:
     file and installed by this script with ``npm ci`` into ``benchmarks/node/node_modules``
     the first time (``--servers`` without ``node`` skips it).
 
+``handoff-prototype`` (only when named in ``--servers``)
+    ``benchmarks/handoff_prototype.py``: an experiment that hands each client's
+    connection to its document's process and lacks most of the collab server's
+    guarantees (see that file); it measures what such a hand-off would save.
+
 ``--variant NAME=TREE`` adds a run of the collab server from another checkout (for
 example ``git worktree add /tmp/before main``), so that a change is measured against
 what it replaces in the same invocation. ``--repeat N`` runs the whole set N times,
@@ -80,6 +85,9 @@ NODE_DIR = SCRIPT.parent / "node"
 NODE_SERVER = NODE_DIR / "node_modules" / "@y" / "websocket-server" / "src" / "server.js"
 NODE_SERVING = re.compile(rb"running at '127\.0\.0\.1' on port (\d+)")
 SERVERS = ("nursery_procs", "pycrdt-websocket", "node")
+#: Run only when named in ``--servers``: an experiment, not a server (see its file).
+EXPERIMENTS = ("handoff-prototype",)
+HANDOFF = SCRIPT.parent / "handoff_prototype.py"
 HOST = "127.0.0.1"
 SERVING = re.compile(rb"serving on http://127\.0\.0\.1:(\d+)/")
 TOKEN = re.compile(r"<([0-9a-z]+)>")
@@ -547,6 +555,8 @@ def server_command(
     if kind == "node":
         env = {**os.environ, "HOST": HOST, "PORT": str(_free_port())}
         return ["node", str(NODE_SERVER)], NODE_DIR, env
+    if kind == "handoff-prototype":
+        return [sys.executable, str(HANDOFF), "--data-dir", str(data_dir)], REPO, None
     tree = REPO if kind == "nursery_procs" else options.variants[kind]
     argv = [
         sys.executable,
@@ -849,7 +859,7 @@ if __name__ == "__main__":
             name, _, tree = variant.partition("=")
             options.variants[name] = Path(tree).resolve()
             options.servers.append(name)
-        unknown = set(options.servers) - set(SERVERS) - set(options.variants)
+        unknown = set(options.servers) - {*SERVERS, *EXPERIMENTS} - set(options.variants)
         if unknown:
             parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
         if "node" in options.servers:
