@@ -1,10 +1,12 @@
 """The collab server's WebSocket clients.
 
-* :class:`Client`: one client, its socket (frames it could not take yet wait there),
-  and how it closes;
-* :class:`Clients`: every client, counted against the limits (in all, per document);
-* :class:`Audience`: the clients of one document child, and the sink of the child's
-  batches: it checks each batch and offers each frame to the clients it names.
+* :class:`Client`: one client, its socket, and how it closes;
+* :class:`Clients`: every client, counted against the limits (in all, per document).
+
+Once admitted and routed, a client's connection is handed to its document's child
+(:mod:`examples.collab.connections`), which serves it from then on; the master keeps
+its own copy of the socket only to close it if that child dies (1011) or is stopped
+(1012).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,19 +21,10 @@ from collections.abc import Awaitable, Callable, Iterator
 import attrs
 import trio
 
+from .connections import REASON_TOO_FAST, REASON_TOO_SLOW
 from .document import validate_name
-from .protocol import (
-    ALL,
-    MSG,
-    RESYNCED,
-    TO,
-    BatchError,
-    Record,
-    decode_from_child,
-    decode_kick,
-)
 from .settings import Settings
-from .websocket import REASON_TEXT, ClientSocket, WebSocketError, binary_frame
+from .websocket import REASON_TEXT, ClientSocket, WebSocketError
 
 __all__ = [
     "CLOSE_DOCUMENT_DIED",
@@ -46,11 +38,8 @@ __all__ = [
     "REASON_TEXT",
     "REASON_TOO_FAST",
     "REASON_TOO_SLOW",
-    "Audience",
     "Client",
-    "ClientSource",
     "Clients",
-    "TokenBucket",
     "WebSocketError",
     "document_name",
 ]
@@ -73,8 +62,6 @@ REASON_STOPPED = "document process stopped; reconnecting"
 REASON_BUSY = "document server busy, try again"
 REASON_TOO_MANY = "too many clients"
 REASON_TOO_MANY_HERE = "too many clients on this document"
-REASON_TOO_SLOW = "client too slow: too many messages queued"
-REASON_TOO_FAST = "too many messages: over the rate limit"
 
 
 #: A WebSocket close reason is at most 123 bytes of UTF-8.
@@ -100,40 +87,6 @@ def document_name(segment: str) -> str:
     return validate_name(name)
 
 
-@attrs.define
-class TokenBucket:
-    """A rate limit: *rate* tokens a second, at most *burst* saved up."""
-
-    rate: float
-    burst: float
-    tokens: float = attrs.field(init=False)
-    updated: float = -math.inf
-
-    def __attrs_post_init__(self) -> None:
-        self.tokens = self.burst
-
-    def take(self, now: float) -> bool:
-        """Take one token at time *now*; whether there was one."""
-        if self.updated > -math.inf:
-            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-@attrs.frozen
-class ClientSource:
-    """A client's socket as the source of a :func:`nursery_procs.forward`: its
-    messages, until it closes (:class:`trio.EndOfChannel`)."""
-
-    socket: ClientSocket
-
-    async def receive(self) -> bytes:
-        return await self.socket.receive()
-
-
 @attrs.define(eq=False)
 class Client:
     """One WebSocket client: its socket, and how it closes."""
@@ -141,8 +94,6 @@ class Client:
     id: int
     socket: ClientSocket
     peer: str
-    #: Frames waiting for a client before it counts as too slow.
-    queue_size: int
     name: str | None = None
     #: Counted against its document's limit (see :class:`Clients`).
     admitted: bool = False
@@ -150,68 +101,19 @@ class Client:
     close_reason: str = ""
     #: The client closed first (or the connection broke): its close was answered.
     closed_by_peer: bool = False
-    #: Covers waiting for the document and reading from the client; a close request
-    #: cancels it.
+    #: Its connection is in its document's child's hands: nothing is written or read
+    #: here (until the child gives it back by dying or being stopped).
+    handed: bool = False
+    #: Its document's child closed it (and shut the connection down): nothing more is
+    #: written or read here.
+    closed_in_child: bool = False
+    #: Covers waiting for the document and the time the child serves it; a close
+    #: request cancels it.
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    #: How many messages it may send (``None``: no limit).
-    rate: TokenBucket | None = None
-    #: Asks its document for a message with everything (set once it has joined one).
-    resync: Callable[[], None] | None = None
-    #: Frames for it are dropped until its document's catch-up message arrives.
-    behind: bool = False
-    #: Where, in the bytes written to it, the last catch-up message ends.
-    caught_up_at: float = 0
-    #: How many times it fell behind and was caught up.
+    #: How many times it fell behind and was caught up (told by its child).
     resyncs: int = 0
-
-    def offer(self, frame: bytes) -> None:
-        """Send an encoded frame (the same bytes may go to many clients); never blocks.
-
-        A client with more than ``queue_size`` frames waiting has fallen behind: what
-        waits is dropped and the document is asked for one message with everything
-        (see :meth:`fall_behind`); until that arrives, frames for it are dropped too,
-        since that message covers them.
-        """
-        if self.close_code is not None or self.behind:
-            return
-        socket = self.socket
-        socket.offer(frame)
-        if socket.pending_frames > self.queue_size:
-            self.fall_behind()
-
-    def fall_behind(self) -> None:
-        """Drop what waits for the client and ask its document to catch it up with one
-        message. A client that falls behind again before it has read the last such
-        message is not reading at all: it is closed as too slow (1013)."""
-        socket = self.socket
-        if self.resync is None or socket.bytes_written < self.caught_up_at:
-            log.warning("client %d on %r: too slow; closing it", self.id, self.name)
-            self.request_close(CLOSE_TRY_AGAIN, REASON_TOO_SLOW, discard=True)
-            return
-        log.info("client %d on %r: fell behind; catching it up", self.id, self.name)
-        socket.discard_pending()
-        self.behind = True
-        self.caught_up_at = math.inf  # until the catch-up message is queued
-        self.resyncs += 1
-        self.resync()
-
-    def caught_up(self, frame: bytes) -> None:
-        """The document's answer to :meth:`fall_behind`: send it, and what follows."""
-        self.behind = False
-        socket = self.socket
-        self.caught_up_at = socket.bytes_written + socket.pending_bytes + len(frame)
-        self.offer(frame)
-
-    def tag(self, message: bytes) -> Record:
-        """What the document's child gets for a *message* from this client.
-
-        Raises:
-            WebSocketError: the client sends faster than its rate limit allows (1008).
-        """
-        rate = self.rate
-        if rate is not None and not rate.take(trio.current_time()):
-            raise WebSocketError(CLOSE_POLICY_VIOLATION, REASON_TOO_FAST)
-        return (MSG, self.id, message)
+    #: Set once its child has closed it, or its child has gone.
+    released: trio.Event = attrs.Factory(trio.Event)
 
     def request_close(self, code: int, reason: str, *, discard: bool = False) -> None:
         """Close the client with *code*: what is queued is still sent (unless *discard*),
@@ -224,24 +126,29 @@ class Client:
             self.socket.discard_pending()
         self.scope.cancel()
 
-    def peer_closed(self) -> None:
-        """Note that the client closed first (or its connection broke)."""
+    def closed_by_child(self, code: int, reason: str, resyncs: int) -> None:
+        """Its document's child reports it closed with *code*."""
         if self.close_code is None:
-            code, reason = self.socket.peer_close or (1006, "")
-            self.closed_by_peer = True
-            self.request_close(code, reason)
+            self.close_code, self.close_reason = code, fit_reason(reason)
+        self.closed_in_child = True
+        self.handed = False
+        self.resyncs = resyncs
+        self.socket.shut_down()  # done already by the child; this ends the writer here
+        self.released.set()
 
     def queue_close_frame(self) -> None:
         """Queue the close frame after what is pending (the client's close was answered
-        already if it closed first)."""
-        if not self.closed_by_peer:
+        already if it closed first, or by its child)."""
+        if not (self.closed_by_peer or self.closed_in_child or self.handed):
             self.socket.queue_close(self.close_code or CLOSE_NORMAL, self.close_reason)
 
     async def close_websocket(self, close_timeout: float) -> None:
         """Wait at most *close_timeout* seconds for the client to answer the close
-        frame (unless it closed first), then close the connection."""
-        with trio.move_on_after(close_timeout):
-            await self.socket.wait_closed()
+        frame (unless it closed first, or its child closed it), then close this
+        process's copy of the connection."""
+        if not (self.closed_in_child or self.handed):
+            with trio.move_on_after(close_timeout):
+                await self.socket.wait_closed()
         await self.socket.aclose()
 
     def log_disconnect(self) -> None:
@@ -306,10 +213,7 @@ class Clients:
 
     @contextlib.contextmanager
     def _connected(self, socket: ClientSocket, peer: str) -> Iterator[Client]:
-        settings = self.settings
-        client = Client(next(self._ids), socket, peer, settings.client_queue)
-        if settings.max_messages_per_second:
-            client.rate = TokenBucket(settings.max_messages_per_second, settings.message_burst)
+        client = Client(next(self._ids), socket, peer)
         self._all[client.id] = client
         self.on_change()
         try:
@@ -350,61 +254,3 @@ class Clients:
         log.warning("client %d from %s refused: %s", client.id, client.peer, refusal)
         client.request_close(CLOSE_TRY_AGAIN, refusal)
         return None
-
-
-@attrs.define(eq=False)
-class Audience:
-    """The clients attached to one document child, and the sink of its batches.
-
-    Each batch from the child (see :mod:`examples.collab.protocol`) is checked whole
-    before anything in it is done: the child is untrusted. A broadcast is framed once
-    and the same bytes are offered to every recipient.
-    """
-
-    name: str
-    #: The largest payload of one record the child may send.
-    max_payload: int
-    _clients: dict[int, Client] = attrs.Factory(dict)
-
-    def __len__(self) -> int:
-        return len(self._clients)
-
-    def add(self, client: Client) -> None:
-        self._clients[client.id] = client
-
-    def remove(self, client: Client) -> bool:
-        """Forget *client*; whether it was here."""
-        return self._clients.pop(client.id, None) is not None
-
-    async def send(self, batch: object) -> None:
-        """Deliver one batch from the child (a :func:`nursery_procs.forward` sink)."""
-        try:
-            records = decode_from_child(batch, max_payload=self.max_payload)
-        except BatchError as exc:
-            log.warning(
-                "document %r sent an unexpected message (%s): %.200r", self.name, exc, batch
-            )
-            return
-        clients = self._clients
-        for kind, client_id, payload in records:
-            if kind == ALL:
-                frame = binary_frame(payload)
-                for recipient in list(clients.values()):
-                    if recipient.id != client_id:
-                        recipient.offer(frame)
-                continue
-            client = clients.get(client_id)
-            if client is None:
-                continue  # gone meanwhile
-            if kind == TO:
-                client.offer(binary_frame(payload))
-            elif kind == RESYNCED:
-                client.caught_up(binary_frame(payload))
-            else:
-                code, reason = decode_kick(payload)
-                log.info("client %d closed by %r: %d %s", client_id, self.name, code, reason)
-                client.request_close(code, reason)
-
-    def close_all(self, code: int, reason: str) -> None:
-        for client in list(self._clients.values()):
-            client.request_close(code, reason)

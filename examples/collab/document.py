@@ -1,19 +1,19 @@
 """The document side of the collaborative editing example.
 
-The master process accepts browser WebSockets at ``/doc/<name>`` and forwards each
-client's binary frames, undecoded, to the document's own child process. This module is
-what runs there:
+The master process accepts browser WebSockets at ``/doc/<name>`` and hands each
+client's connection to the document's own child process. This module is what runs
+there:
 
 * :class:`DocumentKernel` — pure, transport-free protocol logic: one pycrdt ``Doc`` plus
   an ``Awareness``, speaking the y-websocket protocol with any number of clients;
-* :func:`serve_document` — the child's target, which feeds the kernel from the master,
-  writes document updates to the :class:`~examples.collab.journal.Journal` (one fsync
-  per batch) and only then sends the replies;
+* :func:`_process_batch` — records from clients in, the durable updates and the
+  messages for clients out, which :mod:`examples.collab.connections` (the child's own
+  client connections) journals and delivers;
 * :func:`validate_name` — the master's check of document names taken from URLs.
 
 A document whose storage cannot be opened (see
 :class:`~examples.collab.journal.JournalUnavailableError`) is not served: its child stays
-up and closes every client that joins with :data:`CLOSE_DOCUMENT_UNAVAILABLE`, once,
+up and closes every client handed to it with :data:`CLOSE_DOCUMENT_UNAVAILABLE`, once,
 which the page does not reconnect on.
 
 The wire format (lib0 encoding) of a y-websocket message::
@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, Protocol
 
@@ -54,13 +54,9 @@ from .protocol import (
     RESYNC,
     RESYNCED,
     TO,
-    BatchError,
     Record,
-    decode_from_master,
-    encode_for_master,
     kick_payload,
 )
-from .settings import BATCH_BYTES
 
 __all__ = [
     "CLOSE_DOCUMENT_UNAVAILABLE",
@@ -78,8 +74,6 @@ __all__ = [
     "Reply",
     "UnknownClientError",
     "fetch_storage_statistics",
-    "run_document",
-    "serve_document",
     "storage_report",
     "storage_statistics",
     "validate_name",
@@ -661,8 +655,6 @@ def _unintegrated(updates: Iterable[bytes], state_vector: bytes) -> list[bytes]:
 
 # -- the child process ------------------------------------------------------------------------
 
-#: The most batches taken from the master for one group commit.
-MAX_BATCHES = 64
 #: Compact while running once the log holds this many bytes.
 COMPACT_AFTER_BYTES = 8 * 2**20
 
@@ -674,13 +666,11 @@ class CallableContext(Protocol):
 
 
 class ParentChannel(Protocol):
-    """What :func:`run_document` needs from the link to the master."""
+    """What a document child needs from its channel to the master."""
 
     async def send(self, obj: object, /) -> None: ...
 
     async def receive(self) -> object: ...
-
-    def receive_nowait(self) -> object: ...
 
 
 def _close_reason(text: str) -> str:
@@ -763,36 +753,6 @@ def _process_batch(
         else:  # LEAVE
             batch.emit(kernel.leave(client_id))
     return batch.finish()
-
-
-def _batches(records: list[Record]) -> Iterator[bytes]:
-    """*records* as batches of at most :data:`BATCH_BYTES` of payloads (a larger
-    record alone), so that every batch fits on the link."""
-    start = size = 0
-    for index, (_, _, payload) in enumerate(records):
-        if size and size + len(payload) > BATCH_BYTES:
-            yield encode_for_master(records[start:index])
-            start, size = index, 0
-        size += len(payload)
-    if start < len(records):
-        yield encode_for_master(records[start:])
-
-
-def _receive_records(first: object, parent: ParentChannel, name: str) -> list[Record]:
-    """The records of *first* and of every batch already queued behind it."""
-    batches = [first]
-    while len(batches) < MAX_BATCHES:
-        try:
-            batches.append(parent.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    records: list[Record] = []
-    for batch in batches:
-        try:
-            records.extend(decode_from_master(batch))  # type: ignore[arg-type]
-        except BatchError as exc:
-            logger.warning("%s: ignoring an unexpected message (%s): %.200r", name, exc, batch)
-    return records
 
 
 @attrs.define
@@ -889,112 +849,6 @@ async def _load_kernel(name: str, journal: Journal) -> DocumentKernel | None:
     return kernel
 
 
-async def _refuse_clients(parent: ParentChannel, name: str) -> None:
-    """Close every client that joins with :data:`CLOSE_DOCUMENT_UNAVAILABLE`, until the
-    channel ends or this is cancelled."""
-    logger.error(
-        "document %r cannot be opened; its clients are closed with %d",
-        name,
-        CLOSE_DOCUMENT_UNAVAILABLE,
-    )
-    while True:
-        try:
-            message = await parent.receive()
-        except trio.EndOfChannel:
-            return
-        try:
-            records = decode_from_master(message)  # type: ignore[arg-type]
-        except BatchError:
-            continue
-        kick = kick_payload(CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
-        kicks = [(KICK, client_id, kick) for kind, client_id, _ in records if kind == JOIN]
-        if kicks:  # its messages and its leaving need nothing
-            await parent.send(encode_for_master(kicks))
-
-
-async def run_document(parent: ParentChannel, name: str, data_dir: str | Path) -> None:
-    """Serve document *name* to the master over *parent* until cancelled or the
-    channel ends; see :func:`serve_document`."""
-    journal = await _open_journal(name, Path(data_dir))
-    if journal is None:
-        await _refuse_clients(parent, name)
-        return
-    try:
-        kernel = await _load_kernel(name, journal)
-    except BaseException:
-        journal.close()
-        raise
-    if kernel is None:
-        journal.close()
-        await _refuse_clients(parent, name)
-        return
-    await _serve(parent, kernel, journal)
-
-
-async def _serve(parent: ParentChannel, kernel: DocumentKernel, journal: Journal) -> None:
-    # False while the document may be out of step with the journal (between applying a
-    # batch and its fsync) or after an unexpected error; then the state is not saved.
-    consistent = True
-    try:
-        while True:
-            try:
-                first = await parent.receive()
-            except trio.EndOfChannel:
-                return
-            records = _receive_records(first, parent, kernel.name)
-
-            consistent = False
-            durable, outgoing = _process_batch(kernel, records)
-            if durable:
-                # On this task, not a worker thread: this process serves one document,
-                # and nothing is answered before the batch is durable anyway; a thread
-                # hop per batch cost more CPU than the write and fsync themselves.
-                journal.append(durable)
-            consistent = True
-
-            for batch in _batches(outgoing):
-                await parent.send(batch)
-
-            if journal.size >= COMPACT_AFTER_BYTES:
-                consistent = False
-                await trio.to_thread.run_sync(journal.compact, kernel.full_state())
-                consistent = True
-    finally:
-        with trio.CancelScope(shield=True):
-            try:
-                if (
-                    consistent
-                    and not journal.failed
-                    and (journal.record_count > 0 or journal.needs_compaction)
-                ):
-                    await trio.to_thread.run_sync(journal.compact, kernel.full_state())
-            except (OSError, JournalError):
-                # Everything is still in the log; the next start replays it.
-                logger.exception("%s: compaction on shutdown failed", kernel.name)
-            finally:
-                journal.close()
-
-
-async def serve_document(name: str, data_dir: str) -> None:
-    """The child target for one document.
-
-    Messages from the master and to it are batches of records (see
-    :mod:`examples.collab.protocol`): ``JOIN``, ``MSG`` and ``LEAVE`` in, ``TO``,
-    ``ALL`` and ``KICK`` out.
-
-    Batches already queued are handled as one: the document updates they cause are
-    appended to the journal with a single fsync, and only then are the replies sent,
-    as one batch. On cancellation (shutdown) the journal is compacted into a fresh
-    snapshot.
-
-    If the document's storage cannot be opened, every ``JOIN`` is answered with a
-    ``KICK`` with :data:`CLOSE_DOCUMENT_UNAVAILABLE`.
-    """
-    import nursery_procs
-
-    await run_document(nursery_procs.parent(), name, data_dir)
-
-
 # -- rehearsal ------------------------------------------------------------------------------
 
 
@@ -1038,10 +892,8 @@ def _rehearse_in(folder: Path) -> None:
                 records.append((MSG, client_id, payload))
         records += [(LEAVE, 1, b""), (LEAVE, 2, b"")]
         for record in records:
-            durable, outgoing = _process_batch(kernel, [record])
+            durable, _outgoing = _process_batch(kernel, [record])
             journal.append(durable)
-            for _batch in _batches(outgoing):
-                pass
         journal.compact(kernel.full_state())
     finally:
         journal.close()

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -62,6 +63,8 @@ class Front:
         self.settings = settings
         self.files = files
         self._accepting = trio.CancelScope()
+        #: When what is left of the connections is dropped, once a stop has begun.
+        self.drain_deadline = math.inf
         #: Connections still in their page-request phase.
         self._page_requests: set[trio.CancelScope] = set()
 
@@ -86,7 +89,7 @@ class Front:
             with self._accepting:
                 await trio.serve_listeners(serve_one, listeners, handler_nursery=connections)
             deadline = trio.current_time() + self.settings.shutdown_timeout
-            connections.cancel_scope.deadline = deadline
+            connections.cancel_scope.deadline = self.drain_deadline = deadline
             for page_requests in list(self._page_requests):
                 page_requests.cancel()
             on_stop()

@@ -3,9 +3,9 @@
 A pool's children all run the same target with the same arguments, but each one
 serves a different document, picked only when the child is handed out. So a
 pooled child starts as a blank document server: it says it is ready, waits for
-its first message, ``("open", name, data_dir)``, and from then on is the server
-of that one document (see :func:`examples.collab.document.run_document`) until it
-is shut down.
+its first message, ``("open", name, data_dir, handoff)``, and from then on is the
+server of that one document and of the clients the master hands over to it (see
+:func:`examples.collab.connections.run_document`) until it is shut down.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import trio
 
 import nursery_procs
 
-from .document import run_document, validate_name
+from .connections import HandOff, run_document
+from .document import validate_name
 
 __all__ = ["OPEN", "open_message", "serve_pooled_document"]
 
@@ -27,9 +28,9 @@ logger = logging.getLogger(__name__)
 OPEN = "open"
 
 
-def open_message(name: str, data_dir: str) -> tuple[str, str, str]:
+def open_message(name: str, data_dir: str, handoff: HandOff) -> tuple[str, str, str, object]:
     """The message that turns a blank pooled child into the server of *name*."""
-    return (OPEN, name, data_dir)
+    return (OPEN, name, data_dir, handoff.to_data())
 
 
 def _set_title(name: str) -> None:
@@ -41,7 +42,7 @@ def _set_title(name: str) -> None:
 
 
 async def serve_pooled_document() -> None:
-    """Wait for ``("open", name, data_dir)``, then serve that document.
+    """Wait for ``("open", name, data_dir, handoff)``, then serve that document.
 
     Returns when the master closes the channel before naming a document; a first
     message of any other shape is an error (the child exits and the pool notes it).
@@ -52,11 +53,13 @@ async def serve_pooled_document() -> None:
     except (trio.EndOfChannel, nursery_procs.ContextDied):
         return
     match first:
-        case (str() as tag, str() as name, str() as data_dir) if tag == OPEN:
+        case (str() as tag, str() as name, str() as data_dir, dict() as handoff) if tag == OPEN:
             pass
         case _:
-            raise ValueError(f"expected ('open', name, data_dir) first, got {first!r:.200}")
+            raise ValueError(
+                f"expected ('open', name, data_dir, handoff) first, got {first!r:.200}"
+            )
     name = validate_name(name)  # the master checked it; this is a second line of defence
     _set_title(name)
     logger.debug("serving document %r from %s", name, data_dir)
-    await run_document(parent, name, data_dir)
+    await run_document(parent, name, data_dir, HandOff.from_data(handoff))

@@ -52,12 +52,16 @@ Close codes a client can see:
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import logging
 import math
 import os
+import shutil
+import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -78,16 +82,14 @@ from examples.collab.clients import (
     REASON_DIED,
     REASON_SHUTDOWN,
     REASON_STOPPED,
-    Audience,
     Client,
     Clients,
-    ClientSource,
-    WebSocketError,
 )
+from examples.collab.connections import CLIENT_HEADER, HandOff
 from examples.collab.kit import open_message, serve_pooled_document
 from examples.collab.metrics import CollabCollector
-from examples.collab.protocol import JOIN, LEAVE, RESYNC, Record, encode_for_child
-from examples.collab.settings import BATCH_BYTES, Settings, parse_args
+from examples.collab.protocol import valid_close_code
+from examples.collab.settings import Settings, parse_args
 from examples.collab.static_files import StaticFiles
 
 __all__ = ["CollabServer", "Settings", "main", "serve"]
@@ -109,85 +111,135 @@ PRELOAD = (
 
 
 @attrs.define(eq=False)
-class BatchSource:
-    """A document's queue of client records as a :func:`nursery_procs.forward`
-    source: everything queued at once goes to the child as one batch (one link
-    message), up to :data:`~examples.collab.settings.BATCH_BYTES` of payloads. The
-    first value is *first* (the message that names the document)."""
-
-    queue: trio.MemoryReceiveChannel[Record]
-    first: object | None = None
-    max_records: int = 1024
-
-    async def receive(self) -> object:
-        if self.first is not None:
-            first, self.first = self.first, None
-            await trio.lowlevel.checkpoint()
-            return first
-        first = await self.queue.receive()
-        records = [first]
-        size = len(first[2])
-        while len(records) < self.max_records and size < BATCH_BYTES:
-            try:
-                record = self.queue.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            records.append(record)
-            size += len(record[2])
-        return encode_for_child(records)
-
-
-@attrs.define(eq=False)
 class Document:
-    """A document's child, as the master sees it: a queue of its clients' records,
-    and the clients its answers go to."""
+    """A document's child, as the master sees it: where its clients are handed over,
+    and the clients handed to it.
+
+    The child is untrusted: every message from it is checked before the master acts on
+    it, and one it does not expect is logged and dropped.
+    """
 
     name: str
     ctx: nursery_procs.Context
-    audience: Audience
-    queue_size: int
     #: The message that names the document to a fresh child.
     opening: object
+    #: Called whenever a client is handed over or released.
+    on_change: Callable[[], None]
     #: The child's channel has ended (it exited or died): no new clients.
     ended: bool = False
-    inbound: trio.MemorySendChannel[Record] = attrs.field(init=False)
-    _queued: trio.MemoryReceiveChannel[Record] = attrs.field(init=False)
+    _side: trio.socket.SocketType | None = None
+    _ready: trio.Event = attrs.Factory(trio.Event)
+    _handed: dict[int, Client] = attrs.Factory(dict)
 
-    def __attrs_post_init__(self) -> None:
-        self.inbound, self._queued = trio.open_memory_channel[Record](self.queue_size)
+    def __len__(self) -> int:
+        return len(self._handed)
 
-    async def run(self) -> nursery_procs.Forwarded:
-        """Pump the queue into the child and the child's answers out to its clients,
-        until the child's channel ends; then close the clients still attached."""
-        undecodable = (nursery_procs.WireError,)  # one bad message, not a dead child
-        async with trio.open_nursery() as pumps:
-            # The only task that writes to the child, never cancelled in the middle of
-            # a message (that would close the link): it ends when the queue is closed.
-            source = BatchSource(self._queued, first=self.opening)
-            pumps.start_soon(
-                functools.partial(nursery_procs.forward, source, self.ctx, drop_on=undecodable)
-            )
-            ended = await nursery_procs.forward(self.ctx, self.audience, drop_on=undecodable)
+    async def run(self) -> nursery_procs.ContextDied | None:
+        """Talk to the child until its channel ends; then close the clients still
+        handed to it: 1011 if it died (returned), else 1012."""
+        died = None
+        try:
+            await self.ctx.send(self.opening)
+            while True:
+                try:
+                    message = await self.ctx.receive()
+                except nursery_procs.WireError as exc:  # one bad message, not a dead child
+                    log.warning("document %r sent an undecodable message: %s", self.name, exc)
+                    continue
+                await self._on_message(message)
+        except (trio.EndOfChannel, _HandOffRefused):
+            pass
+        except nursery_procs.ContextDied as exc:
+            died = exc
+        finally:
             self.ended = True
-            self._queued.close()  # ends the other pump
-            if isinstance(ended.reason, nursery_procs.ContextDied):
-                self.audience.close_all(CLOSE_DOCUMENT_DIED, REASON_DIED)
-            else:
-                self.audience.close_all(CLOSE_SERVICE_RESTART, REASON_STOPPED)
-        return ended
+            self._ready.set()
+            if self._side is not None:
+                self._side.close()
+            code, reason = (CLOSE_DOCUMENT_DIED, REASON_DIED)
+            if died is None:
+                code, reason = (CLOSE_SERVICE_RESTART, REASON_STOPPED)
+            for client in self._handed.values():
+                client.handed = False  # back in this process's hands
+                client.request_close(code, reason)
+                client.released.set()
+            self._handed.clear()
+            self.on_change()
+        return died
 
-    def post_nowait(self, record: Record, nursery: trio.Nursery) -> None:
-        """Queue *record* for the child without waiting (later, if the queue is full;
-        not at all if the child has gone)."""
-        with contextlib.suppress(trio.BrokenResourceError):
-            try:
-                self.inbound.send_nowait(record)
-            except trio.WouldBlock:
-                nursery.start_soon(self._post_later, record)
+    async def _on_message(self, message: object) -> None:
+        match message:
+            case ["listening", str() as path] if self._side is None:
+                side = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                try:
+                    await side.connect(path)
+                except OSError as exc:
+                    side.close()
+                    log.error("document %r: cannot reach its child at %s: %s", self.name, path, exc)
+                    raise _HandOffRefused from exc
+                self._side = side
+                self._ready.set()
+            case ["left", int() as client_id, int() as code, str() as reason, int() as resyncs] if (
+                valid_close_code(code) or code in (1005, 1006)
+            ) and resyncs >= 0:
+                client = self._handed.pop(client_id, None)
+                if client is None:
+                    log.warning("document %r: a client it does not have left", self.name)
+                    return
+                client.closed_by_child(code, reason, resyncs)
+                self.on_change()
+            case _:
+                log.warning("document %r sent an unexpected message: %.200r", self.name, message)
 
-    async def _post_later(self, record: Record) -> None:
-        with contextlib.suppress(trio.BrokenResourceError):
-            await self.inbound.send(record)
+    async def hand_over(
+        self, client: Client, close_timeout: float, drain_deadline: Callable[[], float]
+    ) -> None:
+        """Hand *client*'s connection to the child, and wait until the child has closed
+        it or is gone.
+
+        **Cancellation** (the client is to be closed, for example by a stop): the child
+        is asked to close it with the client's close code, and given *close_timeout*
+        (and a second) to do so, shielded, but not past ``drain_deadline()``.
+        """
+        await self._ready.wait()
+        side = self._side
+        if self.ended or side is None:
+            client.request_close(CLOSE_DOCUMENT_DIED, REASON_DIED)
+            return
+        sock = client.socket
+        header = CLIENT_HEADER.pack(client.id) + sock.take_buffered()
+        descriptor = array.array("i", [sock.stream.socket.fileno()])
+        self._handed[client.id] = client
+        self.on_change()
+        try:
+            await side.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, descriptor)])
+            client.handed = True
+        except OSError as exc:
+            log.warning("document %r: client %d not handed over: %s", self.name, client.id, exc)
+            self._release(client)
+            client.request_close(CLOSE_DOCUMENT_DIED, REASON_DIED)
+            return
+        try:
+            await client.released.wait()
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True) as shield:
+                shield.deadline = min(trio.current_time() + close_timeout + 1, drain_deadline())
+                if not self.ended and not client.released.is_set():
+                    request = ["close", client.id, client.close_code or CLOSE_GOING_AWAY]
+                    with contextlib.suppress(nursery_procs.ContextDied, trio.ClosedResourceError):
+                        await self.ctx.send([*request, client.close_reason])
+                    await client.released.wait()
+            raise
+        finally:
+            self._release(client)
+
+    def _release(self, client: Client) -> None:
+        if self._handed.pop(client.id, None) is not None:
+            self.on_change()
+
+
+class _HandOffRefused(Exception):
+    """The child's hand-off socket could not be reached."""
 
 
 class CollabServer:
@@ -203,6 +255,9 @@ class CollabServer:
         self._front = front.Front(settings, StaticFiles.from_dir(settings.static_dir))
         self._data_dir = str(Path(settings.data_dir).resolve())
         self._documents: dict[int, Document] = {}
+        #: Where document children listen for the clients handed to them (mode 0700;
+        #: made when the server starts).
+        self._handoff_dir = ""
         self._changed = trio.Event()
         #: Where the documents' pumps run (set while running).
         self._document_tasks: trio.Nursery
@@ -223,7 +278,7 @@ class CollabServer:
         return {doc.name: doc.ctx for doc in self._documents.values() if not doc.ended}
 
     def clients_of(self, name: str) -> int:
-        return sum(len(d.audience) for d in self._documents.values() if d.name == name)
+        return sum(len(d) for d in self._documents.values() if d.name == name)
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until *predicate()* is true; it is checked whenever a client comes or goes
@@ -259,12 +314,18 @@ class CollabServer:
             self.stop()
 
     async def _run(self, task_status: trio.TaskStatus[CollabServer]) -> None:
-        settings = self.settings
         await trio.Path(self._data_dir).mkdir(parents=True, exist_ok=True)
-        policy = nursery_procs.Policy(max_message_size=settings.link_message_size)
+        self._handoff_dir = tempfile.mkdtemp(prefix="collab-handoff-")
+        try:
+            await self._run_in(task_status)
+        finally:
+            shutil.rmtree(self._handoff_dir, ignore_errors=True)
+
+    async def _run_in(self, task_status: trio.TaskStatus[CollabServer]) -> None:
+        settings = self.settings
         # Document children fork from a server that has already imported pycrdt and
         # the document code, so a new document costs a fork, not an interpreter.
-        async with nursery_procs.open_supervisor(policy=policy, preload=PRELOAD) as supervisor:
+        async with nursery_procs.open_supervisor(preload=PRELOAD) as supervisor:
             self.supervisor = supervisor
             async with (
                 trio.open_nursery() as self._document_tasks,
@@ -310,13 +371,16 @@ class CollabServer:
     # -- the pool-session pattern --------------------------------------------------------------
 
     async def _edit(self, client: Client, name: str) -> None:
-        """Share document *name*'s child with its other clients while *client* stays."""
+        """Hand *client* to document *name*'s child, sharing it with the document's
+        other clients while *client* stays."""
         assert self.pool is not None
         with trio.move_on_after(self.settings.start_timeout) as waiting:
             try:
                 async with self.pool.session(name) as ctx:
                     waiting.deadline = math.inf  # got the child: no more time limit
-                    await self._pump_from_client(client, self._document_for(ctx, name))
+                    doc = self._document_for(ctx, name)
+                    drain_deadline = functools.partial(getattr, self._front, "drain_deadline")
+                    await doc.hand_over(client, self.settings.close_timeout, drain_deadline)
             except nursery_procs.PoolClosed:
                 client.request_close(CLOSE_GOING_AWAY, REASON_SHUTDOWN)
         if waiting.cancelled_caught:
@@ -326,49 +390,34 @@ class CollabServer:
     def _document_for(self, ctx: nursery_procs.Context, name: str) -> Document:
         doc = self._documents.get(ctx.id)
         if doc is None:
-            audience = Audience(name, self.settings.link_message_size)
-            opening = open_message(name, self._data_dir)
-            doc = Document(name, ctx, audience, self.settings.document_queue, opening)
+            opening = open_message(name, self._data_dir, self._handoff())
+            doc = Document(name, ctx, opening, self._notify)
             self._documents[ctx.id] = doc
             self._document_tasks.start_soon(self._run_document, doc, name=f"document {name!r}")
             log.info("document %r opened in %s (pid %s)", name, ctx.name, ctx.pid)
             self._notify()
         return doc
 
-    async def _pump_from_client(self, client: Client, doc: Document) -> None:
-        """Join *doc*, send it the client's messages tagged with its id until either of
-        them goes, then leave."""
-        doc.audience.add(client)  # first, so that no answer to the join can miss it
-        client.resync = functools.partial(
-            doc.post_nowait, (RESYNC, client.id, b""), self._document_tasks
+    def _handoff(self) -> HandOff:
+        settings = self.settings
+        return HandOff(
+            folder=self._handoff_dir,
+            master_pid=os.getpid(),
+            max_message_size=settings.max_message_size,
+            client_queue=settings.client_queue,
+            max_messages_per_second=settings.max_messages_per_second,
+            message_burst=settings.message_burst,
+            close_timeout=settings.close_timeout,
         )
-        self._notify()
-        try:
-            await doc.inbound.send((JOIN, client.id, b""))
-            source = ClientSource(client.socket)
-            ended = await nursery_procs.forward(source, doc.inbound, transform=client.tag)
-        except WebSocketError as exc:  # a text frame (1003), too big (4413), malformed
-            client.request_close(exc.code, exc.reason)
-        except trio.BrokenResourceError:  # the child went before the join
-            client.request_close(CLOSE_DOCUMENT_DIED, REASON_DIED)
-        else:
-            if ended.gone == "source":
-                client.peer_closed()
-            else:  # the document's queue was closed: its child has gone
-                client.request_close(CLOSE_DOCUMENT_DIED, REASON_DIED)
-        finally:
-            if doc.audience.remove(client):
-                self._notify()
-                doc.post_nowait((LEAVE, client.id, b""), self._document_tasks)
 
     async def _run_document(self, doc: Document) -> None:
-        ended = await doc.run()
+        died = await doc.run()
         self._notify()
         status = await doc.ctx.wait_exited()
         del self._documents[doc.ctx.id]
         self._notify()
         ctx, how = doc.ctx, nursery_procs.describe_exit(status)
-        if isinstance(ended.reason, nursery_procs.ContextDied):
+        if died is not None:
             log.warning(
                 "document %r: its process %s (pid %s) died: %s", doc.name, ctx.name, ctx.pid, how
             )

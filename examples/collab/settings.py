@@ -11,11 +11,7 @@ import attrs
 
 import nursery_procs
 
-__all__ = ["BATCH_BYTES", "STATIC_DIR", "Settings", "parse_args"]
-
-#: A batch between the master and a document child is closed once its payloads pass
-#: this many bytes (one larger record travels alone).
-BATCH_BYTES = 4 * 1024 * 1024
+__all__ = ["STATIC_DIR", "Settings", "parse_args"]
 
 #: The page, its script and its style sheet.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -53,8 +49,6 @@ class Settings:
     max_messages_per_second: float = 200.0
     #: Messages a client may send at once above that rate.
     message_burst: int = 2000
-    #: Messages from clients queued for one document's child.
-    document_queue: int = 1024
     #: Seconds to read an HTTP request head (and between keep-alive requests).
     http_timeout: float = 10.0
     #: Seconds for the WebSocket opening handshake.
@@ -107,13 +101,6 @@ class Settings:
             address_space=self.memory_limit or None,
             allow_fallback=True,
         )
-
-    @property
-    def link_message_size(self) -> int:
-        """The largest message on the link to a document child: a batch holds at most
-        one record over :data:`BATCH_BYTES`, so a client's largest message, or a whole
-        document of several times that, fits with room to spare."""
-        return max(256 * 1024 * 1024, 4 * self.max_message_size + BATCH_BYTES)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import socket
 import struct
 from typing import Final
 
@@ -415,6 +416,22 @@ class ClientSocket:
             if frame[0] == OP_CLOSE:
                 self.peer_close = (CLOSE_NO_STATUS, "")
                 return
+
+    def take_buffered(self) -> bytes:
+        """The bytes read from the socket but not parsed yet (given to whoever reads
+        the connection next); this object keeps none of them."""
+        buffered = bytes(self._buf)
+        self._buf.clear()
+        return buffered
+
+    def shut_down(self) -> None:
+        """End the connection for every process that holds its socket, not only this
+        one (``shutdown(2)``); then :meth:`aclose` this object."""
+        try:
+            self.stream.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more
+        self._break()
 
     async def aclose(self) -> None:
         """Close the socket (idempotent, shielded)."""

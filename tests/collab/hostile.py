@@ -5,12 +5,10 @@ back may not)."""
 from __future__ import annotations
 
 import pickle
-import struct
 from pathlib import Path
 from typing import Any
 
 import nursery_procs
-from examples.collab.protocol import KICK, TO, kick_payload
 from nursery_procs._router import current_router
 from nursery_procs._wire import Handle, Message
 
@@ -39,35 +37,27 @@ async def send_crafted_pickles(canary: str) -> str:
 CLIENT = 2**40
 
 
-def _record(kind: int, client_id: int, payload: bytes, *, length: int | None = None) -> bytes:
-    size = len(payload) if length is None else length
-    return struct.pack("!BQI", kind, client_id, size) + payload
-
-
-#: Messages that are not well-formed batches: other types, unknown kinds, lengths
-#: that do not fit, client 0, bad close codes and reasons. Each one carries a valid
-#: record for the client first, which must not be acted on either.
+#: Messages the master does not expect from a document child: other types and shapes,
+#: reports of clients leaving with a close code no peer may send, a reason that is not
+#: text, a negative count, an unknown client, and a second hand-off address. None may
+#: release or close the client named.
 MALFORMED: list[object] = [
-    ["to", CLIENT, b"x"],
-    {"to": CLIENT},
-    "to",
+    ["left", CLIENT],
+    ["left", CLIENT, 99, "no such code", 0],
+    ["left", CLIENT, 1000, b"not text", 0],
+    ["left", CLIENT, 1000, "", -1],
+    ["left", str(CLIENT), 1000, "", 0],
+    ["left", CLIENT, 1000, "", 0, "extra"],
+    {"left": CLIENT},
+    "left",
     12,
     b"\x00",
-    _record(TO, CLIENT, b"x") + b"\x63" * 5,  # a truncated header
-    _record(TO, CLIENT, b"x") + _record(99, CLIENT, b"x"),
-    _record(TO, CLIENT, b"x") + _record(TO, CLIENT, b"x", length=1000),
-    _record(TO, CLIENT, b"x") + _record(TO, 0, b"x"),
-    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, kick_payload(1005, "reserved")),
-    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, kick_payload(99, "no such code")),
-    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, b"\x03\xeb\xff\xfe"),  # not UTF-8
-    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, b"\x03\xeb" + b"r" * 124),
-    _record(TO, CLIENT, b"x") + _record(KICK, CLIENT, b"\x03"),
+    ["listening", "/nonexistent/elsewhere.sock"],
+    ["close", CLIENT, 1000, ""],
 ]
 
 
 def _aimed(message: object, client_id: int) -> object:
-    if isinstance(message, bytes):
-        return message.replace(CLIENT.to_bytes(8, "big"), client_id.to_bytes(8, "big"))
     if isinstance(message, list):
         return [client_id if part == CLIENT else part for part in message]
     return message

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from pycrdt import (
     Awareness,
     Doc,
@@ -35,25 +34,16 @@ from examples.collab.document import (
     _process_batch,
     _rehearse_in,
     rehearse,
-    run_document,
     validate_name,
 )
 from examples.collab.journal import Journal
 from examples.collab.protocol import (
     ALL,
     JOIN,
-    KICK,
-    LEAVE,
     MSG,
     RESYNC,
     RESYNCED,
-    TO,
-    Record,
-    decode_from_child,
-    encode_for_child,
-    kick_payload,
 )
-from examples.collab.storage_format import JOURNAL_HEADER
 
 # -- a tiny in-memory deployment ------------------------------------------------------------
 
@@ -550,82 +540,6 @@ def test_valid_names(name: str) -> None:
 
 def test_names_are_normalized() -> None:
     assert validate_name("Cafe\u0301") == "Café"
-
-
-# -- the child loop, with a stand-in for the link to the master ---------------------------------
-
-
-class FakeParent:
-    """The master's end, speaking batches (see :mod:`examples.collab.protocol`)."""
-
-    def __init__(self) -> None:
-        self.to_child_send, self.to_child = trio.open_memory_channel[object](100)
-        self.from_child, self.from_child_receive = trio.open_memory_channel[Record](100)
-
-    async def send(self, obj: object, /) -> None:
-        assert isinstance(obj, bytes)
-        for record in decode_from_child(obj):
-            await self.from_child.send(record)
-
-    async def receive(self) -> object:
-        return await self.to_child.receive()
-
-    def receive_nowait(self) -> object:
-        return self.to_child.receive_nowait()
-
-    def post(self, *records: Record) -> None:
-        self.to_child_send.send_nowait(encode_for_child(records))
-
-
-async def test_run_document_round_trip(tmp_path: Path) -> None:
-    parent = FakeParent()
-    a = Client(1)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_document, parent, "notes", str(tmp_path))
-        edit = a.edit(append("hello"))
-        parent.post((JOIN, 1, b""), (JOIN, 2, b""))
-        parent.post((MSG, 1, edit), (MSG, 2, b"\x63"))
-
-        received = [await parent.from_child_receive.receive() for _ in range(4)]
-        assert received[0][:2] == (TO, 1)
-        assert received[1][:2] == (TO, 2)
-        assert received[2] == (KICK, 2, kick_payload(1003, "unknown message type 99"))
-        # A batch's updates are broadcast last, merged per sender.
-        kind, exclude, payload = received[3]
-        assert (kind, exclude) == (ALL, 1)
-        b = Client(2)
-        b.handle(payload)
-        assert str(b.text) == "hello"
-        # The update reached the journal before it was broadcast.
-        assert (tmp_path / "notes.journal").stat().st_size > 0
-
-        # A kicked client's later messages are ignored; its leave is harmless.
-        parent.post((MSG, 2, a.edit(append("x"))), (LEAVE, 2, b""), (MSG, 1, b"\x03"))
-        kind, to, _ = await parent.from_child_receive.receive()
-        assert (kind, to) == (TO, 1)
-        nursery.cancel_scope.cancel()
-
-    # Shutdown compacted the journal into a snapshot.
-    assert (tmp_path / "notes.snapshot").exists()
-    assert (tmp_path / "notes.journal").read_bytes() == JOURNAL_HEADER  # no records
-    with Journal.open(tmp_path, "notes") as journal:
-        assert DocumentKernel("notes", journal).text() == "hello"
-
-
-async def test_run_document_returns_when_the_channel_ends(tmp_path: Path) -> None:
-    parent = FakeParent()
-    a = Client(1)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_document, parent, "notes", tmp_path)
-            parent.post((JOIN, 1, b""))
-            parent.to_child_send.send_nowait(("bogus",))  # not a batch: ignored
-            parent.to_child_send.send_nowait(b"\x07not a batch")
-            parent.post((MSG, 1, a.edit(append("bye"))), (LEAVE, 1, b""))
-            parent.to_child_send.close()
-    assert (tmp_path / "notes.snapshot").exists()
-    with Journal.open(tmp_path, "notes") as journal:
-        assert DocumentKernel("notes", journal).text() == "bye"
 
 
 # -- the fork server's rehearsal --------------------------------------------------------------

@@ -22,20 +22,20 @@ import pytest
 import trio
 from pycrdt import Doc, Text, create_sync_message
 
+from examples.collab.connections import run_document
 from examples.collab.document import (
     CLOSE_DOCUMENT_UNAVAILABLE,
     REASON_UNAVAILABLE,
     DocumentKernel,
     _load_kernel,
     _open_journal,
-    run_document,
     storage_statistics,
 )
 from examples.collab.journal import Journal, StorageStatistics
-from examples.collab.protocol import JOIN, KICK, LEAVE, MSG, decode_kick
 from examples.collab.storage_format import JOURNAL_HEADER, SNAPSHOT_MAGIC, encode_record
 
-from .test_document import Client, FakeParent, Hub, append
+from .handoff import Master, handoff_options
+from .test_document import Hub, append
 from .yclient import tokens
 
 NAME = "notes"
@@ -321,25 +321,29 @@ def destroy_everything(data_dir: Path) -> dict[str, bytes]:
     return {k: v for k, v in damaged_files(data_dir).items() if not k.endswith(".lock")}
 
 
-async def test_unopenable_document_kicks_each_client_once(
+async def test_unopenable_document_closes_each_client_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     originals = destroy_everything(tmp_path)
-    parent = FakeParent()
+    master = Master()
     with trio.fail_after(10), caplog.at_level(logging.ERROR):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_document, parent, NAME, tmp_path)
-            client = Client(1)
-            parent.post((JOIN, 1, b""), (MSG, 1, client.edit(append("x"))), (LEAVE, 1, b""))
-            parent.post((JOIN, 2, b""))
-            kick_1 = await parent.from_child_receive.receive()
-            kick_2 = await parent.from_child_receive.receive()
-            parent.to_child_send.close()
-    assert kick_1[:2] == (KICK, 1) and kick_2[:2] == (KICK, 2)
-    assert decode_kick(kick_1[2]) == decode_kick(kick_2[2])
-    assert decode_kick(kick_1[2]) == (CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
+            nursery.start_soon(run_document, master, NAME, tmp_path, handoff_options(tmp_path))
+            await master.connect()
+            one = await master.hand_over(1)
+            two = await master.hand_over(2)
+            assert await one.close_frame() == (CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
+            assert await two.close_frame() == (CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
+            for client in (one, two):
+                await client.send_close(CLOSE_DOCUMENT_UNAVAILABLE)
+            reports = sorted([await master.report(), await master.report()])  # type: ignore[type-var]
+            assert [report[:3] for report in reports] == [
+                ["left", 1, CLOSE_DOCUMENT_UNAVAILABLE],
+                ["left", 2, CLOSE_DOCUMENT_UNAVAILABLE],
+            ]
+            master.close()
     with pytest.raises(trio.WouldBlock):
-        parent.from_child_receive.receive_nowait()  # nothing else was sent
+        master.from_child_receive.receive_nowait()  # nothing else was sent
     # Nothing changed on disk but the quarantine copies.
     assert {
         k: v for k, v in damaged_files(tmp_path).items() if not k.endswith(".lock")
@@ -353,15 +357,14 @@ async def test_unopenable_document_kicks_each_client_once(
 async def test_document_whose_updates_all_fail_is_refused(tmp_path: Path) -> None:
     with Journal.open(tmp_path, NAME) as journal:
         journal.append([b"\x05not yjs", b"\x07nor this"])
-    parent = FakeParent()
+    master = Master()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_document, parent, NAME, tmp_path)
-            parent.post((JOIN, 7, b""))
-            kind, client_id, kick = await parent.from_child_receive.receive()
-            assert (kind, client_id) == (KICK, 7)
-            assert decode_kick(kick)[0] == CLOSE_DOCUMENT_UNAVAILABLE
-            parent.to_child_send.close()
+            nursery.start_soon(run_document, master, NAME, tmp_path, handoff_options(tmp_path))
+            await master.connect()
+            client = await master.hand_over(7)
+            assert (await client.close_frame())[0] == CLOSE_DOCUMENT_UNAVAILABLE
+            master.close()
     # Still there for the operator.
     with Journal.open(tmp_path, NAME) as journal:
         assert journal.recovered == (b"\x05not yjs", b"\x07nor this")

@@ -13,16 +13,6 @@ import pytest
 import trio
 
 import nursery_procs
-from examples.collab.protocol import (
-    ALL,
-    KICK,
-    TO,
-    BatchError,
-    decode_from_child,
-    decode_kick,
-    encode_for_master,
-    kick_payload,
-)
 
 from . import hostile
 from .servers import TIMEOUT, check_works, running, ws_url
@@ -61,21 +51,6 @@ async def test_a_document_child_cannot_make_the_master_unpickle(
     unexpected = [r for r in caplog.records if "sent an unexpected message" in r.getMessage()]
     assert len(unexpected) == sent == len(hostile.MALFORMED)
     assert all(r.levelno == logging.WARNING for r in unexpected)
-
-
-def test_child_batches_are_checked_whole() -> None:
-    for message in hostile.MALFORMED:
-        with pytest.raises(BatchError):
-            decode_from_child(message)
-    batch = encode_for_master(
-        [(TO, 3, b"x"), (ALL, 0, b"y"), (ALL, 3, b"z"), (KICK, 3, kick_payload(4422, "é" * 100))]
-    )
-    records = decode_from_child(batch)
-    assert [kind for kind, _, _ in records] == [TO, ALL, ALL, KICK]
-    code, reason = decode_kick(records[-1][2])
-    assert code == 4422 and len(reason.encode()) <= 123
-    with pytest.raises(BatchError):
-        decode_from_child(batch, max_payload=0)
 
 
 async def _confinement(server_port: int, ctx: nursery_procs.Context) -> tuple[str, int | None, str]:
