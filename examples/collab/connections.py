@@ -69,6 +69,8 @@ REASON_TOO_SLOW: Final = "client too slow: too many messages queued"
 CLIENT_HEADER: Final = struct.Struct("!Q")
 #: The largest datagram of a handed client: its id and the bytes read past the handshake.
 MAX_HANDOFF_MESSAGE: Final = 1 << 20
+#: The most messages of one client applied, journaled and answered as one batch.
+MAX_BATCH: Final = 256
 #: How long the master has to connect once told where.
 CONNECT_TIMEOUT: Final = 30.0
 _UCRED: Final = struct.Struct("3i")
@@ -287,7 +289,7 @@ class _Room:
                     while True:
                         message = await socket.receive()
                         connection.check_rate()
-                        self.step([(MSG, connection.id, message)])
+                        self._take_batch(connection, message)
                 except WebSocketError as exc:  # a text frame (1003), too big (4413)...
                     connection.request_close(exc.code, exc.reason)
                 except trio.EndOfChannel:
@@ -300,6 +302,21 @@ class _Room:
             with trio.move_on_after(self.handoff.close_timeout):
                 await socket.wait_closed()
         socket.shut_down()
+
+    def _take_batch(self, connection: Connection, first: bytes) -> None:
+        """Apply *first* and every message of *connection* that has arrived whole
+        already, as one batch: one fsync, and the sender's updates merged into one
+        broadcast. What came before a bad frame is applied before it counts."""
+        records: list[Record] = [(MSG, connection.id, first)]
+        try:
+            while len(records) < MAX_BATCH:
+                message = connection.socket.receive_buffered()
+                if message is None:
+                    break
+                connection.check_rate()
+                records.append((MSG, connection.id, message))
+        finally:
+            self.step(records)
 
     def on_request(self, message: object) -> None:
         """A request from the master: ``["close", id, code, reason]``."""

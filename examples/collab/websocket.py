@@ -294,6 +294,21 @@ class ClientSocket:
             if message is not None:
                 return message
 
+    def receive_buffered(self) -> bytes | None:
+        """The next binary message if it has arrived whole already, else ``None``;
+        never waits (control frames on the way are handled as :meth:`receive` does).
+
+        Raises:
+            trio.EndOfChannel, WebSocketError: as :meth:`receive`.
+        """
+        if self.peer_close is not None:
+            raise trio.EndOfChannel
+        while (frame := self._parse()) is not None:
+            message = self._message(*frame)
+            if message is not None:
+                return message
+        return None
+
     def _message(self, opcode: int, fin: bool, payload: bytes) -> bytes | None:
         if opcode == OP_BINARY or (opcode == OP_CONTINUATION and self._fragments):
             if opcode == OP_BINARY and self._fragments:
