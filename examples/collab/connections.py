@@ -332,9 +332,12 @@ class _Room:
 async def _accept_master(handoff: HandOff, parent: ParentChannel) -> trio.socket.SocketType:
     """Listen in the hand-off folder, say where, and accept the master's connection."""
     path = Path(handoff.folder) / f"{os.getpid()}.sock"
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Bound here, not with Trio's bind, which runs a worker thread for a path (a
+    # thread would cost this process memory of its own, for one system call).
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener = trio.socket.from_stdlib_socket(plain)
     try:
-        await listener.bind(str(path))
+        plain.bind(str(path))
         listener.listen(1)
         await parent.send(["listening", str(path)])
         with trio.fail_after(CONNECT_TIMEOUT):
@@ -446,9 +449,82 @@ async def _save(room: _Room) -> None:
             and not journal.failed
             and (journal.record_count > 0 or journal.needs_compaction)
         ):
-            await trio.to_thread.run_sync(journal.compact, kernel.full_state())
+            # On the loop: nothing else is left to do in this process, and no thread
+            # is started for it.
+            journal.compact(kernel.full_state())
     except (OSError, JournalError):
         # Everything is still in the log; the next start replays it.
         logger.exception("%s: compaction on shutdown failed", room.name)
     finally:
         journal.close()
+
+
+# -- rehearsal ------------------------------------------------------------------------------
+
+
+def rehearse() -> None:
+    """Serve a document once in this process as a document child does, then a whole
+    hand-off session: two clients handed over on socket pairs, a sync, an edit, their
+    closes, and the save. The folder is removed; no thread is started.
+
+    The server's fork server calls this before it forks any document child (the preload
+    entry ``"examples.collab.connections:rehearse"``), so that the code every document
+    child runs is set up, and specialised by Python, in pages the children share.
+    Storage that cannot be used here only skips the rehearsal (logged).
+    """
+    import tempfile
+
+    from .document import rehearse as rehearse_document
+
+    rehearse_document()
+    try:
+        with tempfile.TemporaryDirectory(prefix="collab-rehearsal-") as folder:
+            trio.run(_rehearse_handoff, Path(folder))
+    except (OSError, JournalError) as exc:
+        logger.warning("hand-off rehearsal skipped: %s", exc)
+
+
+class _RehearsalChannel:
+    """The child's channel to a master, within one process."""
+
+    def __init__(self) -> None:
+        self.to_child, self._from_master = trio.open_memory_channel[object](16)
+        self._to_master, self.from_child = trio.open_memory_channel[object](16)
+
+    async def send(self, obj: object, /) -> None:
+        await self._to_master.send(obj)
+
+    async def receive(self) -> object:
+        return await self._from_master.receive()
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    """A small frame as a client sends it (masked, with a key of zeros)."""
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + bytes(4) + payload
+
+
+async def _rehearse_handoff(folder: Path) -> None:
+    channel = _RehearsalChannel()
+    handoff = HandOff(str(folder), os.getpid(), 1 << 20, 64, 0.0, 1, 1.0)
+    clients: list[socket.socket] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_document, channel, "rehearsal", folder, handoff)
+            listening: Any = await channel.from_child.receive()
+            with trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as side:
+                await side.connect(listening[1])
+                for client_id in (1, 2):
+                    ours, theirs = socket.socketpair()
+                    clients.append(ours)
+                    with theirs:
+                        fds = array.array("i", [theirs.fileno()])
+                        header = CLIENT_HEADER.pack(client_id)
+                        await side.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                    step1 = bytes((0, 0, 1, 0))  # sync step 1, empty state vector
+                    ours.sendall(_client_frame(0x2, step1) + _client_frame(0x8, b"\x03\xe8"))
+                for _ in clients:
+                    await channel.from_child.receive()  # ["left", ...]
+                await channel.to_child.aclose()
+    finally:
+        for each in clients:
+            each.close()

@@ -857,11 +857,11 @@ def rehearse() -> None:
     clients join, sync, publish their awareness and edit, let them leave, compact it
     and close it. The folder is removed; no thread is started.
 
-    The server's fork server calls this before it forks any document child (the preload
-    entry ``"examples.collab.document:rehearse"``), so that the code every document
-    child runs is set up, and specialised by Python, in pages the children share rather
-    than in pages each copies. Storage that cannot be used here only skips the rehearsal
-    (logged): it is an optimisation.
+    The server's fork server calls this (through
+    :func:`examples.collab.connections.rehearse`) before it forks any document child, so
+    that the code every document child runs is set up, and specialised by Python, in
+    pages the children share rather than in pages each copies. Storage that cannot be
+    used here only skips the rehearsal (logged): it is an optimisation.
     """
     import tempfile
 

@@ -100,13 +100,14 @@ log = logging.getLogger("collab")
 #: ``Doc`` makes an anyio lock, and anyio imports its Trio backend when it is first
 #: used: preloaded here, or every document child would import it on its first
 #: document (about 10 ms, and memory of its own). Then the fork server serves a
-#: document once itself (:func:`~examples.collab.document.rehearse`), so that the
-#: children share that code ready to run instead of each setting it up.
+#: document and two handed clients once itself
+#: (:func:`~examples.collab.connections.rehearse`), so that the children share that
+#: code ready to run instead of each setting it up.
 PRELOAD = (
     "pycrdt",
     "anyio._backends._trio",
     "examples.collab.kit",
-    "examples.collab.document:rehearse",
+    "examples.collab.connections:rehearse",
 )
 
 

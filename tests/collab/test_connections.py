@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
 
-from examples.collab.connections import run_document
+from examples.collab.connections import rehearse, run_document
 from examples.collab.document import DocumentKernel
 from examples.collab.journal import Journal
 from examples.collab.storage_format import JOURNAL_HEADER
@@ -191,3 +192,17 @@ async def test_a_malformed_hand_off_is_dropped(
             assert (await one.message())[:2] == b"\x00\x00"
             assert "malformed hand-off" in caplog.text
             master.close()
+
+
+def test_the_fork_servers_rehearsal_leaves_no_thread_and_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    threads = threading.active_count()
+    rehearse()
+    assert threading.active_count() == threads  # a fork server must stay single-threaded
+    assert os.listdir(tmp_path) == []
+    assert "skipped" not in caplog.text
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "missing"))
+    rehearse()
+    assert "rehearsal skipped" in caplog.text
