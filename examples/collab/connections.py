@@ -71,6 +71,8 @@ CLIENT_HEADER: Final = struct.Struct("!Q")
 MAX_HANDOFF_MESSAGE: Final = 1 << 20
 #: The most messages of one client applied, journaled and answered as one batch.
 MAX_BATCH: Final = 256
+#: The most close requests kept for clients whose sockets have not arrived yet.
+MAX_EARLY_CLOSES: Final = 4096
 #: How long the master has to connect once told where.
 CONNECT_TIMEOUT: Final = 30.0
 _UCRED: Final = struct.Struct("3i")
@@ -210,6 +212,9 @@ class _Room:
     handoff: HandOff
     parent: ParentChannel
     connections: dict[int, Connection] = attrs.Factory(dict)
+    #: Closes the master asked for before the client's socket arrived (the two come
+    #: over different sockets, in either order).
+    early_closes: dict[int, tuple[int, str]] = attrs.Factory(dict)
     #: False while the document may be out of step with the journal (between applying
     #: an update and its fsync) or after an unexpected error; then it is not saved.
     consistent: bool = True
@@ -263,6 +268,9 @@ class _Room:
             await connection.socket.aclose()
             return
         self.connections[connection.id] = connection
+        early = self.early_closes.pop(connection.id, None)
+        if early is not None:
+            connection.request_close(*early)
         try:
             if self.kernel is None:
                 connection.request_close(CLOSE_DOCUMENT_UNAVAILABLE, REASON_UNAVAILABLE)
@@ -325,6 +333,8 @@ class _Room:
                 connection = self.connections.get(client_id)
                 if connection is not None:
                     connection.request_close(code, reason)
+                elif len(self.early_closes) < MAX_EARLY_CLOSES:
+                    self.early_closes[client_id] = (code, reason)
             case _:
                 logger.warning("%s: unexpected message from the master: %.200r", self.name, message)
 

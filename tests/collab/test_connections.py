@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from examples.collab.connections import rehearse, run_document
 from examples.collab.document import DocumentKernel
@@ -95,6 +96,23 @@ async def test_the_master_asks_for_a_close(tmp_path: Path) -> None:
             assert await one.close_frame() == (1001, "server shutting down")
             await one.send_close(1001)
             assert await master.report() == ["left", 7, 1001, "server shutting down", 0]
+            master.close()
+
+
+async def test_a_close_asked_for_before_the_socket_arrives_is_kept(tmp_path: Path) -> None:
+    # The request comes over the channel and the socket over the hand-off socket: the
+    # child may see them in either order.
+    master = Master()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_document, master, "notes", tmp_path, handoff_options(tmp_path))
+            await master.connect()
+            await master.to_child_send.send(["close", 3, 1001, "server shutting down"])
+            await trio.testing.wait_all_tasks_blocked()
+            three = await master.hand_over(3)
+            assert await three.close_frame() == (1001, "server shutting down")
+            await three.send_close(1001)
+            assert (await master.report())[:3] == ["left", 3, 1001]
             master.close()
 
 
