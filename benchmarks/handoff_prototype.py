@@ -33,8 +33,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.collab.document import (
     DocumentKernel,
-    _check_old_snapshot,
-    _process_batch,
+    check_old_snapshot,
+    process_batch,
 )
 from examples.collab.front import accept_token
 from examples.collab.journal import Journal
@@ -48,13 +48,13 @@ class DocumentProcess:
     """One document, served to the clients handed to this process."""
 
     def __init__(self, name: str, data_dir: str) -> None:
-        self.journal = Journal.open(data_dir, name, check_old=_check_old_snapshot)
+        self.journal = Journal.open(data_dir, name, check_old=check_old_snapshot)
         self.kernel = DocumentKernel(name, self.journal)
         self.clients: dict[int, ClientSocket] = {}
         self.ids = itertools.count(1)
 
     def step(self, records: list[Record]) -> None:
-        durable, outgoing = _process_batch(self.kernel, records)
+        durable, outgoing = process_batch(self.kernel, records)
         if durable:
             self.journal.append(durable)
         self.deliver(outgoing)

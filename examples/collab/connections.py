@@ -43,9 +43,9 @@ from .document import (
     REASON_UNAVAILABLE,
     DocumentKernel,
     ParentChannel,
-    _load_kernel,
-    _open_journal,
-    _process_batch,
+    load_kernel,
+    open_journal,
+    process_batch,
 )
 from .journal import Journal, JournalError
 from .protocol import ALL, JOIN, KICK, LEAVE, MSG, RESYNCED, TO, Record, decode_kick
@@ -224,7 +224,7 @@ class _Room:
         kernel, journal = self.kernel, self.journal
         assert kernel is not None and journal is not None
         self.consistent = False
-        durable, outgoing = _process_batch(kernel, records)
+        durable, outgoing = process_batch(kernel, records)
         if durable:
             journal.append(durable)
         if journal.size >= COMPACT_AFTER_BYTES:
@@ -411,11 +411,11 @@ async def run_document(
     applied, is not served: each of its clients is closed with
     :data:`~examples.collab.document.CLOSE_DOCUMENT_UNAVAILABLE` (logged once).
     """
-    journal = await _open_journal(name, Path(data_dir))
+    journal = await open_journal(name, Path(data_dir))
     kernel = None
     if journal is not None:
         try:
-            kernel = await _load_kernel(name, journal)
+            kernel = await load_kernel(name, journal)
         except BaseException:
             journal.close()
             raise

@@ -6,7 +6,7 @@ there:
 
 * :class:`DocumentKernel` — pure, transport-free protocol logic: one pycrdt ``Doc`` plus
   an ``Awareness``, speaking the y-websocket protocol with any number of clients;
-* :func:`_process_batch` — records from clients in, the durable updates and the
+* :func:`process_batch` — records from clients in, the durable updates and the
   messages for clients out, which :mod:`examples.collab.connections` (the child's own
   client connections) journals and delivers;
 * :func:`validate_name` — the master's check of document names taken from URLs.
@@ -73,7 +73,12 @@ __all__ = [
     "ProtocolError",
     "Reply",
     "UnknownClientError",
+    "check_old_snapshot",
     "fetch_storage_statistics",
+    "load_kernel",
+    "open_journal",
+    "process_batch",
+    "rehearse",
     "storage_report",
     "storage_statistics",
     "validate_name",
@@ -724,7 +729,7 @@ class _Batch:
         return self.durable, self.outgoing
 
 
-def _process_batch(
+def process_batch(
     kernel: DocumentKernel, records: list[Record]
 ) -> tuple[list[bytes], list[Record]]:
     batch = _Batch()
@@ -806,17 +811,17 @@ async def fetch_storage_statistics(ctx: CallableContext) -> StorageStatistics | 
     return StorageStatistics(**report)
 
 
-def _check_old_snapshot(update: bytes) -> None:
+def check_old_snapshot(update: bytes) -> None:
     Doc().apply_update(update)
 
 
-async def _open_journal(name: str, data_dir: Path) -> Journal | None:
+async def open_journal(name: str, data_dir: Path) -> Journal | None:
     """The document's journal, or ``None`` if its storage cannot be opened (logged)."""
     # On the loop, not in a worker thread: this process serves this one document and
     # has nothing else to do until it is open, and a worker thread cost each document
     # child about 0.3 MB of private memory (its stack and malloc arena) and 0.5 ms.
     try:
-        journal = Journal.open(data_dir, name, check_old=_check_old_snapshot)
+        journal = Journal.open(data_dir, name, check_old=check_old_snapshot)
     except JournalUnavailableError as exc:
         _served.journal, _served.statistics = None, exc.statistics
         return None
@@ -824,7 +829,7 @@ async def _open_journal(name: str, data_dir: Path) -> Journal | None:
     return journal
 
 
-async def _load_kernel(name: str, journal: Journal) -> DocumentKernel | None:
+async def load_kernel(name: str, journal: Journal) -> DocumentKernel | None:
     """Build the kernel from the journal and repair the storage if it needs it; ``None``
     if nothing stored can be applied although something is stored (logged)."""
     kernel = DocumentKernel(name, journal)
@@ -873,7 +878,7 @@ def rehearse() -> None:
 
 
 def _rehearse_in(folder: Path) -> None:
-    journal = Journal.open(folder, "rehearsal", check_old=_check_old_snapshot)
+    journal = Journal.open(folder, "rehearsal", check_old=check_old_snapshot)
     try:
         kernel = DocumentKernel("rehearsal", journal)
         records: list[Record] = [(JOIN, 1, b""), (JOIN, 2, b"")]
@@ -892,7 +897,7 @@ def _rehearse_in(folder: Path) -> None:
                 records.append((MSG, client_id, payload))
         records += [(LEAVE, 1, b""), (LEAVE, 2, b"")]
         for record in records:
-            durable, _outgoing = _process_batch(kernel, [record])
+            durable, _outgoing = process_batch(kernel, [record])
             journal.append(durable)
         journal.compact(kernel.full_state())
     finally:

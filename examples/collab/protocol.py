@@ -3,7 +3,7 @@ what the master and a document child say over their channel.
 
 Inside a document child, the messages of its clients go to the document as *records*,
 ``(kind, client id, payload)``, and the document answers with records
-(:func:`examples.collab.document._process_batch`):
+(:func:`examples.collab.document.process_batch`):
 
 =============  ==================================================================
 ``JOIN``       a client joined (no payload)

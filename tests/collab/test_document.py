@@ -31,8 +31,8 @@ from examples.collab.document import (
     Outgoing,
     ProtocolError,
     UnknownClientError,
-    _process_batch,
     _rehearse_in,
+    process_batch,
     rehearse,
     validate_name,
 )
@@ -473,9 +473,9 @@ def test_a_flood_of_updates_is_merged_into_one_broadcast(tmp_path: Path) -> None
     with Journal.open(tmp_path, "notes") as journal:
         kernel = DocumentKernel("notes", journal)
         a = Client(1)
-        _process_batch(kernel, [(JOIN, 1, b""), (JOIN, 2, b"")])
+        process_batch(kernel, [(JOIN, 1, b""), (JOIN, 2, b"")])
         flood = [(MSG, 1, a.edit(append(f"<{i}>"))) for i in range(200)]
-        durable, outgoing = _process_batch(kernel, flood)
+        durable, outgoing = process_batch(kernel, flood)
         assert len(durable) == 200  # every update journaled
         [(kind, exclude, payload)] = outgoing
         assert (kind, exclude) == (ALL, 1)
@@ -488,8 +488,8 @@ def test_a_client_that_fell_behind_gets_the_document(tmp_path: Path) -> None:
     with Journal.open(tmp_path, "notes") as journal:
         kernel = DocumentKernel("notes", journal)
         a = Client(1)
-        _process_batch(kernel, [(JOIN, 1, b""), (JOIN, 2, b""), (MSG, 1, a.edit(append("x")))])
-        _, [(kind, client_id, payload)] = _process_batch(kernel, [(RESYNC, 2, b"")])
+        process_batch(kernel, [(JOIN, 1, b""), (JOIN, 2, b""), (MSG, 1, a.edit(append("x")))])
+        _, [(kind, client_id, payload)] = process_batch(kernel, [(RESYNC, 2, b"")])
         assert (kind, client_id) == (RESYNCED, 2)
         b = Client(2)
         b.handle(payload)

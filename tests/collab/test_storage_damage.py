@@ -27,8 +27,8 @@ from examples.collab.document import (
     CLOSE_DOCUMENT_UNAVAILABLE,
     REASON_UNAVAILABLE,
     DocumentKernel,
-    _load_kernel,
-    _open_journal,
+    load_kernel,
+    open_journal,
     storage_statistics,
 )
 from examples.collab.journal import Journal, StorageStatistics
@@ -176,10 +176,10 @@ def quarantine(data_dir: Path) -> dict[str, bytes]:
 
 async def open_like_a_child(data_dir: Path) -> tuple[set[str], StorageStatistics]:
     """Open the document as run_document does (repairing it); its edits and statistics."""
-    journal = await _open_journal(NAME, data_dir)
+    journal = await open_journal(NAME, data_dir)
     assert journal is not None
     try:
-        kernel = await _load_kernel(NAME, journal)
+        kernel = await load_kernel(NAME, journal)
         assert kernel is not None
         return tokens(kernel.text()), journal.statistics
     finally:
