@@ -115,15 +115,13 @@ class Client:
     #: Set once its child has closed it, or its child has gone.
     released: trio.Event = attrs.Factory(trio.Event)
 
-    def request_close(self, code: int, reason: str, *, discard: bool = False) -> None:
-        """Close the client with *code*: what is queued is still sent (unless *discard*),
-        then the close frame. The first request wins."""
+    def request_close(self, code: int, reason: str) -> None:
+        """Close the client with *code* (a close frame from here, unless its child has
+        the connection). The first request wins."""
         if self.close_code is not None:
             return
         self.close_code = code
         self.close_reason = fit_reason(reason)
-        if discard:
-            self.socket.discard_pending()
         self.scope.cancel()
 
     def closed_by_child(self, code: int, reason: str, resyncs: int) -> None:

@@ -380,8 +380,9 @@ class CollabServer:
                 async with self.pool.session(name) as ctx:
                     waiting.deadline = math.inf  # got the child: no more time limit
                     doc = self._document_for(ctx, name)
-                    drain_deadline = functools.partial(getattr, self._front, "drain_deadline")
-                    await doc.hand_over(client, self.settings.close_timeout, drain_deadline)
+                    await doc.hand_over(
+                        client, self.settings.close_timeout, lambda: self._front.drain_deadline
+                    )
             except nursery_procs.PoolClosed:
                 client.request_close(CLOSE_GOING_AWAY, REASON_SHUTDOWN)
         if waiting.cancelled_caught:
