@@ -20,8 +20,8 @@ per datagram, descriptors passed with ``SCM_RIGHTS``:
 direction      message                                    descriptors
 =============  =========================================  ==========================
 master→server  ``{"op": "config", "sys_path", "preload",  none
-               "main"}`` (once, first)
-server→master  ``{"op": "ready", "pid"}`` or              none
+               "main", "merge_pages"}`` (once, first)
+server→master  ``{"op": "ready", "pid", "merge"}`` or     none
                ``{"op": "failed", "error"}``
 master→server  ``{"op": "fork", "id", "settings"}``       the child's link end, its
                                                           stdout and stderr pipe ends
@@ -63,6 +63,7 @@ import trio
 from . import _wire
 from ._errors import ForkServerError
 from ._isolation import Isolation
+from ._ksm import KSM_SYSFS, ksm_running, mark_mergeable
 from ._link import Link, accept_link, connect_link
 from ._process import (
     Policy,
@@ -302,7 +303,7 @@ class _Server:
         # with every child instead of being touched by a child's collections.
         gc.collect()
         gc.freeze()
-        self.send({"op": "ready", "pid": os.getpid()})
+        self.send({"op": "ready", "pid": os.getpid(), "merge": _merge(config)})
         return True
 
     # -- the loop ----------------------------------------------------------
@@ -494,6 +495,17 @@ class _Server:
             kill_tree(pid, root_pidfd=pidfd)
             self.reap(pidfd)
         return 0
+
+
+def _merge(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Mark the server's pages mergeable if the config asks (every child inherits
+    the marks); what happened, for the master to report."""
+    if not config.get("merge_pages"):
+        return None
+    try:
+        return {"marked": mark_mergeable()}
+    except OSError as exc:
+        return {"error": str(exc)}
 
 
 def _adopt_stdio(stdout: int, stderr: int) -> None:
@@ -948,6 +960,7 @@ async def _handshake(server: ForkServer, policy: Policy) -> None:
         "sys_path": sys.path,
         "preload": list(server.preload),
         "main": main_module_spec(),
+        "merge_pages": policy.merge_pages,
     }
     try:
         with trio.fail_after(policy.ready_timeout):
@@ -970,6 +983,27 @@ async def _handshake(server: ForkServer, policy: Policy) -> None:
         )
     if reply.get("op") != "ready":
         raise ForkServerError(f"the fork server said {reply!r} instead of ready")
+    if policy.merge_pages:
+        _check_merging(reply.get("merge"))
+
+
+def _check_merging(merge: object) -> None:
+    """Warn if pages asked to be merged will not be."""
+    if not isinstance(merge, dict) or "marked" not in merge:
+        error = merge.get("error") if isinstance(merge, dict) else None
+        log.warning("merge_pages: the fork server's pages cannot be merged: %s", error)
+        return
+    running = ksm_running()
+    if running is None:
+        log.warning("merge_pages: this kernel has no KSM (%s): no page will be merged", KSM_SYSFS)
+    elif not running:
+        log.warning(
+            "merge_pages: ksmd is not running (%s is 0): no page will be merged until "
+            "root starts it",
+            KSM_SYSFS / "run",
+        )
+    else:
+        log.debug("merge_pages: %d MiB of the fork server marked", merge["marked"] >> 20)
 
 
 def _log_output(nursery: trio.Nursery, server: ForkServer) -> trio.Event:

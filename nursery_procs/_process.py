@@ -66,6 +66,11 @@ class Policy:
     #: After a call or request is cancelled, how long the child has to acknowledge
     #: that it cancelled the work; then it counts as hung and is shut down.
     cancel_timeout: float = attrs.field(default=2.0, validator=_nonnegative("cancel_timeout"))
+    #: Let the kernel merge identical memory pages of the fork server and its
+    #: children (KSM; see :ref:`merging-pages`): a forked child's private copies of
+    #: pages it did not really change are shared again. Takes effect only while
+    #: root runs ``ksmd``; a fork server started without KSM logs a warning.
+    merge_pages: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     @max_message_size.validator
     def _check_size(self, attribute: attrs.Attribute[int], value: int) -> None:
