@@ -57,6 +57,10 @@ def _describe_context(node: dict[str, Any]) -> str:
         parts.append(f"up {_duration(node['uptime'])}")
     if node.get("rss_bytes") is not None:
         parts.append(f"rss {_size(node['rss_bytes'])}")
+    if node.get("pss_bytes") is not None:
+        parts.append(f"pss {_size(node['pss_bytes'])}")
+    if node.get("merged_bytes"):
+        parts.append(f"merged {_size(node['merged_bytes'])}")
     if node.get("messages_in") is not None:
         parts.append(f"msgs {node['messages_in']} in/{node['messages_out']} out")
     return f"{node.get('name')} ({', '.join(parts)})"

@@ -8,6 +8,7 @@ through the objects' own API: :meth:`Context.aclose` to stop a context,
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from ._control_http import Reply, Request, error_reply, json_reply
 from ._control_metrics import render
 from ._control_schema import BadRequest, match, parse_json, pool_changes, split_target
 from ._errors import PoolClosed
+from ._ksm import merged_pages
 from ._lifecycle import State
 from ._pool import Pool, pools_of
 from ._supervisor import Supervisor
@@ -33,18 +35,31 @@ log = logging.getLogger("nursery_procs.control")
 # -- reading the tree ------------------------------------------------------------
 
 
-def _rss_bytes(pid: int | None) -> int | None:
-    """The resident set size of *pid* from ``/proc/<pid>/status``, if readable."""
-    if pid is None:
-        return None
+def _proc_field(pid: int, file: str, field: bytes) -> int | None:
+    """A ``kB`` field of ``/proc/<pid>/<file>`` in bytes, if readable."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"VmRSS:"):
+        with open(f"/proc/{pid}/{file}", "rb") as lines:
+            for line in lines:
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _memory(pid: int | None) -> dict[str, int | None]:
+    """What a process of this host holds: its resident memory; its proportional
+    share (each page it shares counted as a fraction: the honest figure for
+    forked children, which share most of theirs); and what the kernel merged of
+    it (see :attr:`Policy.merge_pages`)."""
+    if pid is None:
+        return {"rss_bytes": None, "pss_bytes": None, "merged_bytes": None}
+    merged = merged_pages(pid)
+    return {
+        "rss_bytes": _proc_field(pid, "status", b"VmRSS:"),
+        "pss_bytes": _proc_field(pid, "smaps_rollup", b"Pss:"),
+        "merged_bytes": None if merged is None else merged * mmap.PAGESIZE,
+    }
 
 
 @attrs.define(eq=False)
@@ -79,7 +94,7 @@ def _context_data(ctx: Context, session: str | None) -> dict[str, Any]:
         "session": session,
         "isolation": stats.isolation.in_force() if stats.isolation is not None else None,
         "uptime": stats.uptime,
-        "rss_bytes": _rss_bytes(ctx.pid),
+        **_memory(ctx.pid),
         "messages_in": stats.messages_in,
         "messages_out": stats.messages_out,
         "bytes_in": stats.bytes_in,
@@ -100,7 +115,7 @@ def _deeper_data(context_id: int, name: str, parent_id: int, pid: int) -> dict[s
         "session": None,
         "isolation": None,
         "uptime": None,
-        "rss_bytes": None,
+        **_memory(None),
         **_NO_TRAFFIC,
     }
 
@@ -117,7 +132,7 @@ def _root_data(supervisor: Supervisor) -> dict[str, Any]:
         "session": None,
         "isolation": None,
         "uptime": trio.current_time() - supervisor.started_at,
-        "rss_bytes": _rss_bytes(os.getpid()),
+        **_memory(os.getpid()),
         **_NO_TRAFFIC,
     }
 

@@ -49,6 +49,9 @@ async def test_status_contexts_and_pools_with_curl(sock_path: str) -> None:
             assert node["direct"] is True
             assert node["uptime"] > 0
             assert node["rss_bytes"] > 1024 * 1024
+            # A child's proportional share is some of its resident memory.
+            assert 0 < node["pss_bytes"] <= node["rss_bytes"]
+            assert node["merged_bytes"] is None or node["merged_bytes"] >= 0
             assert node["messages_in"] >= 1 and node["messages_out"] >= 1
             assert node["children"] == []
 
