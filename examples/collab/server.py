@@ -326,7 +326,8 @@ class CollabServer:
         settings = self.settings
         # Document children fork from a server that has already imported pycrdt and
         # the document code, so a new document costs a fork, not an interpreter.
-        async with nursery_procs.open_supervisor(preload=PRELOAD) as supervisor:
+        policy = nursery_procs.Policy(merge_pages=settings.merge_pages)
+        async with nursery_procs.open_supervisor(preload=PRELOAD, policy=policy) as supervisor:
             self.supervisor = supervisor
             async with (
                 trio.open_nursery() as self._document_tasks,

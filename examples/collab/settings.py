@@ -66,6 +66,10 @@ class Settings:
     #: (0: no limit). An idle child maps about 200 MiB; the rest is room for the
     #: largest documents (a 32 MiB message and its decoded state).
     memory_limit: int = 2 * 1024**3
+    #: Let the kernel merge the identical memory pages of document children
+    #: (:attr:`nursery_procs.Policy.merge_pages`): an idle document then costs
+    #: about a third of the memory, while root runs ``ksmd``.
+    merge_pages: bool = False
     static_dir: Path = STATIC_DIR
 
     def __attrs_post_init__(self) -> None:
@@ -161,6 +165,11 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.memory_limit,
         metavar="MIB",
         help="address space per document process, in MiB (0: no limit)",
+    )
+    add(
+        "--merge-pages",
+        action="store_true",
+        help="let the kernel merge document processes' identical pages (KSM: needs ksmd)",
     )
     add("--log-level", default="INFO")
     return parser

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import nursery_procs
+from examples.collab.settings import parse_args
 
 from . import hostile
 from .servers import TIMEOUT, check_works, running, ws_url
@@ -95,3 +96,33 @@ async def test_no_isolation_leaves_document_children_unconfined(tmp_path: Path) 
                 ctx = server.documents()["open"]
                 reached, address_space, no_new_privs = await _confinement(server.port, ctx)
     assert (reached, address_space, no_new_privs) == ("connected", None, "0")
+
+
+def _heap_flags(pid: int | None) -> set[str]:
+    in_heap = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            in_heap = fields[-1] == "[heap]"
+        elif in_heap and fields[0] == "VmFlags:":
+            return set(fields[1:])
+    raise AssertionError(f"no heap in process {pid}")
+
+
+@pytest.mark.parametrize("merge_pages", [True, False])
+async def test_merge_pages_marks_document_children_for_the_kernel(
+    tmp_path: Path, merge_pages: bool
+) -> None:
+    async with running(tmp_path, merge_pages=merge_pages) as server:
+        with trio.fail_after(TIMEOUT):
+            async with connect(ws_url(server, "merged"), user="Ann") as ann:
+                await ann.synced.wait()
+                flags = _heap_flags(server.documents()["merged"].pid)
+                await ann.append("still edits")
+                await ann.wait_until(lambda: "still edits" in ann.content())
+    assert ("mg" in flags) is merge_pages
+
+
+def test_the_command_line_asks_for_merged_pages() -> None:
+    assert parse_args(["--merge-pages"]).merge_pages is True
+    assert parse_args([]).merge_pages is False
