@@ -13,6 +13,12 @@ open, the memory of the server's whole process tree (the master, the fork
 server if any, every document child) is summed from ``/proc/<pid>/smaps_rollup``:
 PSS (each shared page split between its sharers) and USS (private pages).
 Documents are opened one after another, so each opening is timed alone.
+
+``--merge-pages`` measures a second server, started with ``--merge-pages``, in
+the same run: ``ksmd`` is started for it (root only; the previous settings are
+put back) at 1,000 pages per 20 ms (``--pages-to-scan``), the figures are taken
+once it has made three full scans with every document open, and the share of a
+CPU that ``ksmd`` then uses over ten seconds is reported with them.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _ksm
 import pycrdt
 import trio
 import trio_websocket
@@ -98,7 +105,21 @@ async def _wait_listening(process: trio.Process) -> int:
                 return int(match.group(1))
 
 
-async def main(docs: int, server_args: list[str]) -> dict[str, Any]:
+async def main(
+    docs: int, server_args: list[str], merge_pages: bool = False, pages_to_scan: int = 1000
+) -> dict[str, Any]:
+    figures = await measure(docs, server_args)
+    if merge_pages:
+        why_not = _ksm.available()
+        if why_not is not None:
+            print(f"with --merge-pages: not measured ({why_not})", flush=True)
+        else:
+            with _ksm.running(pages_to_scan):
+                figures["merged"] = await measure(docs, [*server_args, "--merge-pages"], True)
+    return figures
+
+
+async def measure(docs: int, server_args: list[str], merging: bool = False) -> dict[str, Any]:
     global _nursery
     with tempfile.TemporaryDirectory() as data:
         process = await trio.lowlevel.open_process(
@@ -129,6 +150,10 @@ async def main(docs: int, server_args: list[str]) -> dict[str, Any]:
                     took, ws = await _open_document(port, f"doc-{number}")
                     opened.append(took * 1e3)
                     sockets.append(ws)
+                merge: dict[str, float] = {}
+                if merging:
+                    merge["settle_s"] = await _ksm.settle()
+                    merge["ksmd_cpu"] = await _ksm.cpu_share(10.0)
                 memory = _memory(process.pid)
                 for ws in sockets:
                     await ws.aclose()
@@ -146,6 +171,7 @@ async def main(docs: int, server_args: list[str]) -> dict[str, Any]:
         "open_median_ms": statistics.median(opened),
         "open_max_ms": max(opened),
         **memory,
+        **merge,
     }
     print(
         f"{docs} documents ({' '.join(server_args) or 'defaults'}): open median "
@@ -154,6 +180,12 @@ async def main(docs: int, server_args: list[str]) -> dict[str, Any]:
         f"USS {memory['uss_mib']:.0f} MiB",
         flush=True,
     )
+    if merge:
+        print(
+            f"  (ksmd: settled in {merge['settle_s']:.0f} s, then used "
+            f"{merge['ksmd_cpu']:.1%} of a CPU)",
+            flush=True,
+        )
     return figures
 
 
@@ -167,8 +199,25 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="20 documents")
     parser.add_argument("--docs", type=int, default=100)
     parser.add_argument("--server-arg", action="append", default=[], dest="server_args")
+    parser.add_argument(
+        "--merge-pages",
+        action="store_true",
+        help="also measure a server started with --merge-pages, with ksmd running (root)",
+    )
+    parser.add_argument(
+        "--pages-to-scan",
+        type=int,
+        default=_ksm.PAGES_TO_SCAN,
+        help="ksmd's pages per 20 ms with --merge-pages (the kernel's default: 100)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     options = parser.parse_args()
-    figures = trio.run(main, 20 if options.quick else options.docs, options.server_args)
+    figures = trio.run(
+        main,
+        20 if options.quick else options.docs,
+        options.server_args,
+        options.merge_pages,
+        options.pages_to_scan,
+    )
     if options.json:
         options.json.write_text(json.dumps(figures, indent=2))
