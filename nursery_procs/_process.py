@@ -70,6 +70,7 @@ class Policy:
     #: children (KSM; see :ref:`merging-pages`): a forked child's private copies of
     #: pages it did not really change are shared again. Takes effect only while
     #: root runs ``ksmd``; a fork server started without KSM logs a warning.
+    #: Exec'd children have no pages in common to merge and are not marked.
     merge_pages: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     @max_message_size.validator
