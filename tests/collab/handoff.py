@@ -9,11 +9,13 @@ import array
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
-from examples.collab.connections import CLIENT_HEADER, HandOff
+from examples.collab.connections import CLIENT_HEADER, HandOff, run_document
 
 _U16 = struct.Struct("!H")
 
@@ -152,3 +154,20 @@ class Master:
             self.side.close()
         for client in self.clients:
             client.stream.socket.close()
+
+
+@asynccontextmanager
+async def document_child(
+    folder: Path, options: HandOff | None = None, *, seconds: float = 10
+) -> AsyncIterator[Master]:
+    """The document ``notes`` of *folder* served in this process as its child serves
+    it, its hand-off socket connected; the test plays the master, and ends the
+    document with :meth:`Master.close`. All of it within *seconds*."""
+    master = Master()
+    with trio.fail_after(seconds):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                run_document, master, "notes", folder, options or handoff_options(folder)
+            )
+            await master.connect()
+            yield master
