@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ._lifecycle import State
 from ._pool import Pool, pools_of
+from ._procmem import memory_of
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:  # imported lazily at run time (see above)
@@ -37,6 +38,7 @@ class SupervisorCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self._children()
         yield from self._links()
+        yield self._memory()
         pools = sorted(pools_of(self.supervisor).items())
         yield from _pool_metrics([pool for _, pool in pools])
 
@@ -80,6 +82,25 @@ class SupervisorCollector:
                 payload.add_metric([ctx.name, str(ctx.id), direction], size)
         yield messages
         yield payload
+
+    def _memory(self) -> Metric:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        memory = GaugeMetricFamily(
+            PREFIX + "child_memory_bytes",
+            "Memory of each direct child's process: resident (rss), its proportional "
+            "share (pss), and merged with identical pages of others (merged).",
+            labels=["context", "id", "kind"],
+        )
+        for ctx in self.supervisor.children:
+            if ctx.pid is None:
+                continue
+            figures = memory_of(ctx.pid)
+            kinds = (("rss", figures.rss), ("pss", figures.pss), ("merged", figures.merged))
+            for kind, size in kinds:
+                if size is not None:
+                    memory.add_metric([ctx.name, str(ctx.id), kind], size)
+        return memory
 
 
 _POOL_GAUGES = (

@@ -8,7 +8,6 @@ through the objects' own API: :meth:`Context.aclose` to stop a context,
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -21,9 +20,9 @@ from ._control_http import Reply, Request, error_reply, json_reply
 from ._control_metrics import render
 from ._control_schema import BadRequest, match, parse_json, pool_changes, split_target
 from ._errors import PoolClosed
-from ._ksm import merged_pages
 from ._lifecycle import State
 from ._pool import Pool, pools_of
+from ._procmem import Memory, memory_of
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:  # prometheus-client is imported when a server starts
@@ -35,31 +34,10 @@ log = logging.getLogger("nursery_procs.control")
 # -- reading the tree ------------------------------------------------------------
 
 
-def _proc_field(pid: int, file: str, field: bytes) -> int | None:
-    """A ``kB`` field of ``/proc/<pid>/<file>`` in bytes, if readable."""
-    try:
-        with open(f"/proc/{pid}/{file}", "rb") as lines:
-            for line in lines:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _memory(pid: int | None) -> dict[str, int | None]:
-    """What a process of this host holds: its resident memory; its proportional
-    share (each page it shares counted as a fraction: the honest figure for
-    forked children, which share most of theirs); and what the kernel merged of
-    it (see :attr:`Policy.merge_pages`)."""
-    if pid is None:
-        return {"rss_bytes": None, "pss_bytes": None, "merged_bytes": None}
-    merged = merged_pages(pid)
-    return {
-        "rss_bytes": _proc_field(pid, "status", b"VmRSS:"),
-        "pss_bytes": _proc_field(pid, "smaps_rollup", b"Pss:"),
-        "merged_bytes": None if merged is None else merged * mmap.PAGESIZE,
-    }
+    """A local process's memory, as the tree shows it (see :class:`Memory`)."""
+    memory = memory_of(pid) if pid is not None else Memory(None, None, None)
+    return {"rss_bytes": memory.rss, "pss_bytes": memory.pss, "merged_bytes": memory.merged}
 
 
 @attrs.define(eq=False)

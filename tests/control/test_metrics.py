@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import nursery_procs
 from nursery_procs._control import open_control
 from nursery_procs._control_client import request_raw
+from nursery_procs._ksm import merged_pages
 from nursery_procs._pool import open_pool
 
 from .conftest import curl, exists, needs_curl, serving
@@ -67,6 +68,13 @@ async def test_metrics_show_children_pools_and_links_as_they_are(sock_path: str)
         assert value(found, "nursery_procs_link_bytes_total", **labels, direction="out") == (
             link.bytes_out
         )
+        rss = value(found, "nursery_procs_child_memory_bytes", **labels, kind="rss")
+        pss = value(found, "nursery_procs_child_memory_bytes", **labels, kind="pss")
+        assert 0 < pss <= rss
+        # Nothing was marked for merging (merge_pages is off): none, where the kernel says.
+        merged = frozenset({**labels, "kind": "merged"}.items())
+        reported = merged_pages(echo.pid or 0) is not None
+        assert found.get(("nursery_procs_child_memory_bytes", merged)) == (0 if reported else None)
 
 
 async def test_the_application_adds_its_own_metrics(sock_path: str) -> None:
