@@ -43,6 +43,11 @@ The same load runs, in the same invocation and one after the other, against:
     connection to its document's process and lacks most of the collab server's
     guarantees (see that file); it measures what such a hand-off would save.
 
+``merge-pages`` (only when named in ``--servers``)
+    the collab server with ``--merge-pages``, and ``ksmd`` started for its run at
+    the kernel's default rate (root only; the settings are put back after): what
+    merging document children's pages costs on the data path.
+
 ``--variant NAME=TREE`` adds a run of the collab server from another checkout (for
 example ``git worktree add /tmp/before main``), so that a change is measured against
 what it replaces in the same invocation. ``--repeat N`` runs the whole set N times,
@@ -75,6 +80,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import _ksm
 import trio
 import trio_websocket
 from pycrdt import Doc, Text, TextEvent, create_sync_message, create_update_message
@@ -86,7 +92,7 @@ NODE_SERVER = NODE_DIR / "node_modules" / "@y" / "websocket-server" / "src" / "s
 NODE_SERVING = re.compile(rb"running at '127\.0\.0\.1' on port (\d+)")
 SERVERS = ("nursery_procs", "pycrdt-websocket", "node")
 #: Run only when named in ``--servers``: an experiment, not a server (see its file).
-EXPERIMENTS = ("handoff-prototype",)
+EXPERIMENTS = ("handoff-prototype", "merge-pages")
 HANDOFF = SCRIPT.parent / "handoff_prototype.py"
 HOST = "127.0.0.1"
 SERVING = re.compile(rb"serving on http://127\.0\.0\.1:(\d+)/")
@@ -557,7 +563,7 @@ def server_command(
         return ["node", str(NODE_SERVER)], NODE_DIR, env
     if kind == "handoff-prototype":
         return [sys.executable, str(HANDOFF), "--data-dir", str(data_dir)], REPO, None
-    tree = REPO if kind == "nursery_procs" else options.variants[kind]
+    tree = REPO if kind in ("nursery_procs", "merge-pages") else options.variants[kind]
     argv = [
         sys.executable,
         "-m",
@@ -578,6 +584,7 @@ def server_command(
         str(options.clients + 100),
         "--max-clients-per-doc",
         str(options.clients),
+        *(["--merge-pages"] if kind == "merge-pages" else []),
     ]
     # Run from the other tree, importing its examples and nursery_procs first.
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -787,7 +794,8 @@ async def main(options: argparse.Namespace) -> dict[str, Any]:
         print(f"documents journaled (with fsync) under {data_dir}", flush=True)
         for repeat in range(options.repeat):
             for kind in options.servers:
-                row = await run_load(kind, options, data_dir / f"{kind}-{repeat}")
+                with _ksm.running(100) if kind == "merge-pages" else contextlib.nullcontext():
+                    row = await run_load(kind, options, data_dir / f"{kind}-{repeat}")
                 print(
                     f"  {kind}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
                     f"{row['edits_applied_per_s']:.1f} edits/s applied, "
@@ -864,6 +872,8 @@ if __name__ == "__main__":
             parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
         if "node" in options.servers:
             ensure_node_server()
+        if "merge-pages" in options.servers and (why_not := _ksm.available()) is not None:
+            parser.error(f"merge-pages: {why_not}")
         figures = trio.run(main, options)
         if options.json:
             options.json.write_text(json.dumps(figures, indent=2))
