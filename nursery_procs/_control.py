@@ -132,14 +132,14 @@ async def serve_control(
     """
     text = os.fspath(path)
     allowed = _allowed_uids(allow_uids)
-    metrics = metrics_registry(supervisor, collectors)
+    metrics, collector = metrics_registry(supervisor, collectors)
     listener = await open_socket_file(text, backlog)
     # serve_listeners closes the listener, which removes the file first.
     async with listener, trio.open_nursery() as tasks:
         limits = Limits(
             read_timeout=read_timeout, max_body=max_body, max_connections=max_connections
         )
-        server = HTTPServer(ControlAPI(supervisor, tasks, metrics), limits, allowed)
+        server = HTTPServer(ControlAPI(supervisor, tasks, metrics, collector), limits, allowed)
         # The socket listens already: clients wait in its backlog until accepted.
         tasks.start_soon(server.serve, listener)
         log.info("control socket listening at %r", text)

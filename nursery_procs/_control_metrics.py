@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ._lifecycle import State
 from ._pool import Pool, pools_of
-from ._procmem import memory_of
+from ._procmem import Memory
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:  # imported lazily at run time (see above)
@@ -34,6 +34,9 @@ class SupervisorCollector:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
+        #: The memory of the children's processes, read (off the event loop) just
+        #: before each scrape by whoever renders it; by pid.
+        self.memory: dict[int, Memory] = {}
 
     def collect(self) -> Iterator[Metric]:
         yield from self._children()
@@ -93,9 +96,9 @@ class SupervisorCollector:
             labels=["context", "id", "kind"],
         )
         for ctx in self.supervisor.children:
-            if ctx.pid is None:
+            figures = self.memory.get(ctx.pid) if ctx.pid is not None else None
+            if figures is None:
                 continue
-            figures = memory_of(ctx.pid)
             kinds = (("rss", figures.rss), ("pss", figures.pss), ("merged", figures.merged))
             for kind, size in kinds:
                 if size is not None:
@@ -148,9 +151,12 @@ def _pool_metrics(pools: list[Pool]) -> Iterator[Metric]:
         yield counter
 
 
-def metrics_registry(supervisor: Supervisor, collectors: Iterable[Collector]) -> CollectorRegistry:
+def metrics_registry(
+    supervisor: Supervisor, collectors: Iterable[Collector]
+) -> tuple[CollectorRegistry, SupervisorCollector]:
     """A registry of its own for one control server: the supervisor's figures and
-    the application's *collectors*.
+    the application's *collectors*; and the supervisor's collector, whose
+    :attr:`~SupervisorCollector.memory` the server refreshes before each scrape.
 
     Raises:
         ValueError: two collectors make a metric of the same name.
@@ -158,9 +164,10 @@ def metrics_registry(supervisor: Supervisor, collectors: Iterable[Collector]) ->
     from prometheus_client.registry import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=True)
-    for collector in (SupervisorCollector(supervisor), *collectors):
+    ours = SupervisorCollector(supervisor)
+    for collector in (ours, *collectors):
         registry.register(collector)
-    return registry
+    return registry, ours
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

@@ -10,19 +10,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 
 from ._context import Context, context_by_id
 from ._control_http import Reply, Request, error_reply, json_reply
-from ._control_metrics import render
+from ._control_metrics import SupervisorCollector, render
 from ._control_schema import BadRequest, match, parse_json, pool_changes, split_target
 from ._errors import PoolClosed
 from ._lifecycle import State
 from ._pool import Pool, pools_of
-from ._procmem import Memory, memory_of
+from ._procmem import Memory, memory_of_each
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:  # prometheus-client is imported when a server starts
@@ -34,10 +34,17 @@ log = logging.getLogger("nursery_procs.control")
 # -- reading the tree ------------------------------------------------------------
 
 
-def _memory(pid: int | None) -> dict[str, int | None]:
-    """A local process's memory, as the tree shows it (see :class:`Memory`)."""
-    memory = memory_of(pid) if pid is not None else Memory(None, None, None)
+_UNKNOWN: Final = Memory(None, None, None)
+
+
+def _memory_fields(memory: Memory) -> dict[str, int | None]:
     return {"rss_bytes": memory.rss, "pss_bytes": memory.pss, "merged_bytes": memory.merged}
+
+
+async def _local_memory(supervisor: Supervisor) -> dict[int, Memory]:
+    """The memory of this process and of each direct child's, by pid."""
+    pids = [os.getpid(), *(ctx.pid for ctx in supervisor.children if ctx.pid is not None)]
+    return await memory_of_each(pids)
 
 
 @attrs.define(eq=False)
@@ -60,7 +67,7 @@ def _node_key(node: _Node) -> int:
 _NO_TRAFFIC = {"messages_in": None, "messages_out": None, "bytes_in": None, "bytes_out": None}
 
 
-def _context_data(ctx: Context, session: str | None) -> dict[str, Any]:
+def _context_data(ctx: Context, session: str | None, memory: Memory) -> dict[str, Any]:
     stats = ctx.statistics()
     return {
         "id": ctx.id,
@@ -72,7 +79,7 @@ def _context_data(ctx: Context, session: str | None) -> dict[str, Any]:
         "session": session,
         "isolation": stats.isolation.in_force() if stats.isolation is not None else None,
         "uptime": stats.uptime,
-        **_memory(ctx.pid),
+        **_memory_fields(memory),
         "messages_in": stats.messages_in,
         "messages_out": stats.messages_out,
         "bytes_in": stats.bytes_in,
@@ -93,12 +100,12 @@ def _deeper_data(context_id: int, name: str, parent_id: int, pid: int) -> dict[s
         "session": None,
         "isolation": None,
         "uptime": None,
-        **_memory(None),
+        **_memory_fields(_UNKNOWN),
         **_NO_TRAFFIC,
     }
 
 
-def _root_data(supervisor: Supervisor) -> dict[str, Any]:
+def _root_data(supervisor: Supervisor, memory: Memory) -> dict[str, Any]:
     router = supervisor.router
     return {
         "id": router.id,
@@ -110,7 +117,7 @@ def _root_data(supervisor: Supervisor) -> dict[str, Any]:
         "session": None,
         "isolation": None,
         "uptime": trio.current_time() - supervisor.started_at,
-        **_memory(os.getpid()),
+        **_memory_fields(memory),
         **_NO_TRAFFIC,
     }
 
@@ -124,14 +131,16 @@ def _session_keys(supervisor: Supervisor) -> dict[int, str]:
     }
 
 
-def _nodes(supervisor: Supervisor) -> tuple[_Node, dict[int, _Node]]:
-    """The root node (this process) and every context it knows, linked as a tree."""
+def _nodes(supervisor: Supervisor, memory: dict[int, Memory]) -> tuple[_Node, dict[int, _Node]]:
+    """The root node (this process) and every context it knows, linked as a tree;
+    *memory*: the local processes' memory, by pid."""
     router = supervisor.router
-    root = _Node(router.id, _root_data(supervisor), None)
+    root = _Node(router.id, _root_data(supervisor, memory.get(os.getpid(), _UNKNOWN)), None)
     nodes: dict[int, _Node] = {}
     sessions = _session_keys(supervisor)
     for ctx in supervisor.children:
-        nodes[ctx.id] = _Node(ctx.id, _context_data(ctx, sessions.get(ctx.id)), router.id)
+        known = memory.get(ctx.pid, _UNKNOWN) if ctx.pid is not None else _UNKNOWN
+        nodes[ctx.id] = _Node(ctx.id, _context_data(ctx, sessions.get(ctx.id), known), router.id)
     for info in list(router.directory.values()):
         if info.id not in nodes and info.id != router.id:
             nodes[info.id] = _Node(
@@ -144,9 +153,9 @@ def _nodes(supervisor: Supervisor) -> tuple[_Node, dict[int, _Node]]:
     return root, nodes
 
 
-def _find(supervisor: Supervisor, name: str) -> _Node:
+def _find(supervisor: Supervisor, name: str, memory: dict[int, Memory]) -> _Node:
     """The oldest context called *name* (direct children first), with its subtree."""
-    _root, nodes = _nodes(supervisor)
+    _root, nodes = _nodes(supervisor, memory)
     matches = [node for node in nodes.values() if node.data["name"] == name]
     if not matches:
         raise BadRequest(f"no context named {name!r}", 404)
@@ -162,7 +171,7 @@ def _pool_data(pool: Pool) -> dict[str, Any]:
 
 
 def _status(supervisor: Supervisor) -> dict[str, Any]:
-    _root, nodes = _nodes(supervisor)
+    _root, nodes = _nodes(supervisor, {})  # counts only: no memory read
     by_state = {state.value: 0 for state in State}
     for node in nodes.values():
         by_state[node.data["state"]] += 1
@@ -198,6 +207,9 @@ class ControlAPI:
     supervisor: Supervisor
     tasks: trio.Nursery
     metrics: CollectorRegistry
+    #: The supervisor's collector in *metrics*, given the children's memory before
+    #: each scrape.
+    collector: SupervisorCollector
 
     async def __call__(self, request: Request) -> Reply:
         try:
@@ -224,18 +236,20 @@ class ControlAPI:
         return json_reply(200, _status(self.supervisor))
 
     async def get_metrics(self, name: str | None, body: bytes) -> Reply:
+        self.collector.memory = await _local_memory(self.supervisor)
         text, content_type = render(self.metrics)
         return Reply(200, text, content_type)
 
     async def get_contexts(self, name: str | None, body: bytes) -> Reply:
+        memory = await _local_memory(self.supervisor)
         if name is None:
-            root, _by_id = _nodes(self.supervisor)
+            root, _by_id = _nodes(self.supervisor, memory)
             return json_reply(200, root.render())
-        return json_reply(200, _find(self.supervisor, name).render())
+        return json_reply(200, _find(self.supervisor, name, memory).render())
 
     async def delete_contexts(self, name: str | None, body: bytes) -> Reply:
         assert name is not None  # the route has a name
-        node = _find(self.supervisor, name)
+        node = _find(self.supervisor, name, await _local_memory(self.supervisor))
         ctx = context_by_id(node.id)
         self.tasks.start_soon(_close, ctx, name=f"control: stop {ctx.name}")
         data = node.render()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterable
 
 import attrs
+import trio
 
 from ._ksm import merged_pages
 
@@ -45,3 +47,11 @@ def memory_of(pid: int) -> Memory:
         pss=_kilobytes_field(pid, "smaps_rollup", b"Pss:"),
         merged=None if merged is None else merged * mmap.PAGESIZE,
     )
+
+
+async def memory_of_each(pids: Iterable[int]) -> dict[int, Memory]:
+    """The memory of each process of *pids*, read in a worker thread: the kernel
+    walks a process's page tables for ``smaps_rollup`` (about 0.4 ms for a 30 MB
+    process), too long to do for a hundred children on the event loop."""
+    wanted = list(dict.fromkeys(pids))
+    return await trio.to_thread.run_sync(lambda: {pid: memory_of(pid) for pid in wanted})
