@@ -15,7 +15,8 @@ from pathlib import Path
 
 import trio
 
-SYSFS = Path("/sys/kernel/mm/ksm")
+from nursery_procs._ksm import KSM_SYSFS as SYSFS
+
 #: The scan rate used for measurements: 1,000 pages every 20 ms (about 200 MB/s
 #: at most; the kernel's default is 100 pages every 20 ms).
 PAGES_TO_SCAN = 1000

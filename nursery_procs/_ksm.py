@@ -84,7 +84,7 @@ def ksm_running() -> bool | None:
         return None
 
 
-def merged_pages(pid: int | str = "self") -> int | None:
+def merged_pages(pid: int) -> int | None:
     """How many of a process's pages ``ksmd`` has merged (``ksm_merging_pages``
     of ``/proc/PID/ksm_stat``); ``None`` where the kernel does not say."""
     try:

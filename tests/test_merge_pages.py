@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from mappings import vm_flags
 
 import nursery_procs
 from nursery_procs import Policy
@@ -18,18 +19,6 @@ from nursery_procs._ksm import KSM_SYSFS, ksm_running, mergeable_ranges, merged_
 
 MERGE = Policy(merge_pages=True)
 FORK = {"start_method": "forkserver"}
-
-
-def _flags_of(pid: int, name: str) -> set[str]:
-    """The VmFlags of *pid*'s mapping called *name* (``[heap]``, ``[stack]``)."""
-    found = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):
-            found = fields[-1] == name
-        elif found and fields[0] == "VmFlags:":
-            return set(fields[1:])
-    raise AssertionError(f"process {pid} has no mapping {name}")
 
 
 def _uss_mib(pid: int) -> float:
@@ -68,8 +57,8 @@ async def test_the_fork_server_and_its_children_are_marked_mergeable() -> None:
         assert child.pid is not None
         server = await child.call(os.getppid)
         for pid in (server, child.pid):
-            assert "mg" in _flags_of(pid, "[heap]")
-            assert "mg" in _flags_of(pid, "[stack]")
+            assert "mg" in vm_flags(pid, "[heap]")
+            assert "mg" in vm_flags(pid, "[stack]")
 
 
 async def test_without_merge_pages_nothing_is_marked() -> None:
@@ -78,7 +67,7 @@ async def test_without_merge_pages_nothing_is_marked() -> None:
         assert child.pid is not None
         server = await child.call(os.getppid)
         for pid in (server, child.pid):
-            assert "mg" not in _flags_of(pid, "[heap]")
+            assert "mg" not in vm_flags(pid, "[heap]")
 
 
 async def test_a_fork_server_says_when_no_page_will_be_merged(

@@ -11,6 +11,7 @@ from pathlib import Path
 import process_targets
 import pytest
 import trio
+from mappings import vm_flags
 
 import nursery_procs
 from examples.collab.settings import parse_args
@@ -98,17 +99,6 @@ async def test_no_isolation_leaves_document_children_unconfined(tmp_path: Path) 
     assert (reached, address_space, no_new_privs) == ("connected", None, "0")
 
 
-def _heap_flags(pid: int | None) -> set[str]:
-    in_heap = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):
-            in_heap = fields[-1] == "[heap]"
-        elif in_heap and fields[0] == "VmFlags:":
-            return set(fields[1:])
-    raise AssertionError(f"no heap in process {pid}")
-
-
 @pytest.mark.parametrize("merge_pages", [True, False])
 async def test_merge_pages_marks_document_children_for_the_kernel(
     tmp_path: Path, merge_pages: bool
@@ -117,7 +107,7 @@ async def test_merge_pages_marks_document_children_for_the_kernel(
         with trio.fail_after(TIMEOUT):
             async with connect(ws_url(server, "merged"), user="Ann") as ann:
                 await ann.synced.wait()
-                flags = _heap_flags(server.documents()["merged"].pid)
+                flags = vm_flags(server.documents()["merged"].pid, "[heap]")
                 await ann.append("still edits")
                 await ann.wait_until(lambda: "still edits" in ann.content())
     assert ("mg" in flags) is merge_pages
